@@ -1,0 +1,1 @@
+//! See models/mod.rs.

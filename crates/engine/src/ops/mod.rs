@@ -1,0 +1,4 @@
+//! Differentiable tensor ops that candle 0.11 lacks or gets wrong (see candle-notes §3).
+
+pub mod pool;
+pub mod resize;

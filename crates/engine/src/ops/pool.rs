@@ -1,0 +1,1 @@
+//! Pooling with correct gradients.

@@ -1,0 +1,1 @@
+//! Resizing (nearest, bilinear) with correct gradients.
