@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use diffguard_engine::models::class_embedder::{ClassEmbedder, ClassEmbedderConfig};
 use diffguard_engine::models::ldm_unet::{LdmDenoiser, LdmUNet, LdmUNetConfig};
 use diffguard_engine::{Denoiser, LabelId};
-use models_unet_common::{assert_close, case, golden_dir, ints, weights};
+use models_unet_common::{BATCH_TOL, assert_close, case, golden_dir, ints, weights};
 
 // The golden's float64-vs-float32 max_rel_to_max is 8.4e-7 (cond) / 9.2e-7 (null); we allow 10×
 // (summation order differs between candle and torch): 1e-5 of max|eps|.
@@ -78,7 +78,7 @@ fn ldm_denoiser_labels_and_null_path() {
         .unwrap();
     assert_close("explicit null", &explicit, &eps_none, 0.0);
 
-    // Batch of two equals the two single-item calls (guards against candle's batched-matmul bug).
+    // Batch of two equals the two single-item calls.
     let items: Vec<Tensor> = (0..2)
         .map(|i| {
             let l = labels(&c["labels"]);
@@ -90,6 +90,6 @@ fn ldm_denoiser_labels_and_null_path() {
         "batch vs items",
         &eps_cond,
         &Tensor::cat(&items, 0).unwrap(),
-        1e-6,
+        BATCH_TOL,
     );
 }

@@ -5,7 +5,7 @@ mod models_unet_common;
 use candle_core::{DType, Tensor};
 use diffguard_engine::Autoencoder;
 use diffguard_engine::models::vq::{VqConfig, VqModel};
-use models_unet_common::{assert_close, case, golden_dir, ints, weights};
+use models_unet_common::{BATCH_TOL, assert_close, case, golden_dir, ints, weights};
 
 // Observed float64-vs-float32 max_rel_to_max: encode 1.9e-6, decode (same codes) 1.4e-6. We allow
 // 10× for summation-order differences: 2e-5 of max|ref|.
@@ -47,7 +47,7 @@ fn batch_equals_per_item() {
         "encode batch vs items",
         &full,
         &Tensor::cat(&items, 0).unwrap(),
-        1e-6,
+        BATCH_TOL,
     );
     let full = vq.decode(&c["prequant"]).unwrap();
     let items: Vec<Tensor> = (0..2)
@@ -57,6 +57,6 @@ fn batch_equals_per_item() {
         "decode batch vs items",
         &full,
         &Tensor::cat(&items, 0).unwrap(),
-        1e-6,
+        BATCH_TOL,
     );
 }

@@ -221,7 +221,7 @@ impl LdmUNetConfig {
             Some(hc) if hc > 0 => ch / hc,
             _ => self.num_heads,
         };
-        if heads == 0 || ch % heads != 0 {
+        if heads == 0 || !ch.is_multiple_of(heads) {
             return Err(EngineError::Config(format!(
                 "transformer: {ch} channels not divisible into {heads} heads"
             )));
