@@ -54,9 +54,9 @@ fn ldm_masked_cfg_steps_replay() {
         case.f32("den.latents"),
     );
     let n = sched.len();
-    for k in 0..n {
+    for (k, &t) in den_t.iter().enumerate() {
         let i = n - 1 - k;
-        assert_eq!(sched.timestep(i).unwrap() as i64, den_t[k]);
+        assert_eq!(sched.timestep(i).unwrap() as i64, t);
         let eps = cfg_eps(
             &e_null.get(k).unwrap(),
             &e_cond.get(k).unwrap(),
@@ -75,8 +75,7 @@ fn ldm_masked_cfg_steps_replay() {
         let err = max_abs_diff(&got, &want);
         assert!(
             err <= STEP_REL_TOL * max_abs(&want),
-            "sampling step {k} (t={}): max abs err {err}, max |z| {}",
-            den_t[k],
+            "sampling step {k} (t={t}): max abs err {err}, max |z| {}",
             max_abs(&want)
         );
     }
