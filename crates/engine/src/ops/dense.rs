@@ -1,0 +1,240 @@
+//! CPU building blocks shared by the fast custom ops (conv, norm, activation, attention):
+//! typed access to contiguous storage, a bounds-checked call into the `gemm` crate, the thread
+//! policy, and run-time SIMD dispatch for element-wise loops.
+
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+pub(crate) use gemm::Parallelism;
+
+/// The float types the kernels run on: f32 for speed, f64 for finite-difference gradient checks.
+pub(crate) trait Real: WithDType {
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    /// `exp` over a slice, in place. The f32 version is a polynomial LLVM can vectorise
+    /// (std's `expf` is a scalar libm call and dominates SiLU/softmax otherwise).
+    fn exp_in_place(xs: &mut [Self]);
+}
+
+impl Real for f32 {
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn exp_in_place(xs: &mut [Self]) {
+        with_simd(|| {
+            for x in xs.iter_mut() {
+                *x = exp_f32(*x)
+            }
+        })
+    }
+}
+
+impl Real for f64 {
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn exp_in_place(xs: &mut [Self]) {
+        for x in xs.iter_mut() {
+            *x = x.exp()
+        }
+    }
+}
+
+/// Branch-free `exp` for f32 (Cephes `expf` polynomial on a range-reduced argument), relative
+/// error about 2e-7 over the whole range; inputs below -87.3 flush towards 0, above 88.3 saturate.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * LOG2E).round();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    e * scale
+}
+
+/// Runs `f` compiled for the widest vector unit the CPU has (the crate itself targets baseline
+/// x86-64, i.e. SSE2). `f` must be `#[inline]`-able: its body is inlined into the wrapper and
+/// picks up the wrapper's target features.
+#[inline(always)]
+pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU was just checked to support the enabled features.
+            return unsafe { avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
+/// The data of a contiguous CPU tensor (offset applied). The op wrappers make every operand
+/// contiguous before applying the op, so anything else is a bug in the wrapper.
+pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let data = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!(
+            "fast CPU op expects contiguous operands, got strides {:?}",
+            l.stride()
+        ),
+    }
+}
+
+/// Threads candle (and the rayon global pool) use; `RAYON_NUM_THREADS` controls it.
+pub(crate) fn num_threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+/// How `gemm` should parallelise when the caller is not already running one task per thread.
+pub(crate) fn gemm_parallelism(threads: usize) -> Parallelism {
+    if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// A read-only strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A row-major matrix whose rows are `ld` elements apart.
+    pub fn rows(data: &'a [T], ld: usize) -> Self {
+        Self {
+            data,
+            rs: ld,
+            cs: 1,
+        }
+    }
+    /// The transposed view of the same data (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+    fn check(&self, rows: usize, cols: usize, what: &str) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
+        if last >= self.data.len() {
+            bail!(
+                "gemm {what}: {rows}x{cols} view exceeds its {} elements",
+                self.data.len()
+            )
+        }
+        Ok(())
+    }
+}
+
+/// `dst (m×n, row-major, contiguous) = a (m×k) · b (k×n)`, or `+=` when `accumulate`.
+pub(crate) fn gemm<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    accumulate: bool,
+    par: Parallelism,
+) -> Result<()> {
+    if dst.len() < m * n {
+        bail!("gemm dst: {m}x{n} exceeds its {} elements", dst.len())
+    }
+    a.check(m, k, "lhs")?;
+    b.check(k, n, "rhs")?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::from_f64(0.0));
+        }
+        return Ok(());
+    }
+    let one = T::from_f64(1.0);
+    // SAFETY: every index the kernel touches was bounds-checked above; dst does not alias a or b
+    // (it is a unique borrow).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+    Ok(())
+}
+
+/// Splits `data` into `items` equal chunks and runs `f(index, chunk)` on each: one rayon task per
+/// item when there are at least as many items as threads (`f` then gets `Parallelism::None` for
+/// its gemm calls), otherwise items in sequence with `gemm` spreading each over the threads.
+pub(crate) fn for_each_item<T: Send>(
+    data: &mut [T],
+    items: usize,
+    f: impl Fn(usize, &mut [T], Parallelism) -> Result<()> + Sync,
+) -> Result<()> {
+    use rayon::prelude::*;
+    if items == 0 {
+        return Ok(());
+    }
+    let chunk = data.len() / items;
+    let threads = num_threads();
+    if threads > 1 && items >= threads && chunk > 0 {
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(i, c)| f(i, c, Parallelism::None))
+    } else if chunk == 0 {
+        (0..items).try_for_each(|i| f(i, &mut [], gemm_parallelism(threads)))
+    } else {
+        data.chunks_mut(chunk)
+            .enumerate()
+            .try_for_each(|(i, c)| f(i, c, gemm_parallelism(threads)))
+    }
+}
