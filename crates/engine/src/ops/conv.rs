@@ -4,9 +4,11 @@
 //! uses a direct-loop `conv_transpose2d` (candle-notes §3–§4). On other devices (CUDA) and dtypes
 //! [`conv2d`] calls candle's conv, so GPUs keep candle's/cuDNN kernels.
 
-use super::dense::{Mat, Parallelism, Real, contiguous, for_each_item, gemm, num_threads};
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use super::dense::{
+    Mat, Parallelism, Real, by_dtype as dispatch, contiguous, fast_path, for_each_item, gemm,
+    num_threads,
+};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 /// `x (B,Cin,H,W) ⊛ w (Cout,Cin,kh,kw) + b (Cout)` with symmetric zero padding `pad`.
@@ -21,8 +23,7 @@ pub fn conv2d(
     if stride == 0 {
         bail!("conv2d: stride must be at least 1")
     }
-    let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if !fast {
+    if !fast_path(x) {
         let y = x.conv2d(w, pad, stride, 1, 1)?;
         return match b {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
@@ -296,21 +297,6 @@ fn weight_grad<T: Real>(g: &Geom, x: &[T], dy: &[T]) -> Result<Vec<T>> {
     }
     partial.truncate(wlen);
     Ok(partial)
-}
-
-/// Runs the kernel for the storage's float type and wraps the result.
-fn dispatch(
-    s: &CpuStorage,
-    shape: Shape,
-    f32_fn: impl FnOnce() -> Result<Vec<f32>>,
-    f64_fn: impl FnOnce() -> Result<Vec<f64>>,
-) -> Result<(CpuStorage, Shape)> {
-    let storage = match s {
-        CpuStorage::F32(_) => CpuStorage::F32(f32_fn()?),
-        CpuStorage::F64(_) => CpuStorage::F64(f64_fn()?),
-        other => bail!("fast conv2d supports f32/f64, got {:?}", other.dtype()),
-    };
-    Ok((storage, shape))
 }
 
 /// The forward op, on `(x, w)` or `(x, w, bias)`.

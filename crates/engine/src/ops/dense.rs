@@ -2,46 +2,86 @@
 //! typed access to contiguous storage, a bounds-checked call into the `gemm` crate, the thread
 //! policy, and run-time SIMD dispatch for element-wise loops.
 
-use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Shape, WithDType, bail};
 pub(crate) use gemm::Parallelism;
 
 /// The float types the kernels run on: f32 for speed, f64 for finite-difference gradient checks.
 pub(crate) trait Real: WithDType {
+    /// `exp`; the f32 version is a polynomial LLVM can vectorise (std's `expf` is a scalar libm
+    /// call and dominates SiLU/softmax otherwise). f64 keeps libm: it only serves gradient checks.
     fn exp(self) -> Self;
     fn sqrt(self) -> Self;
-    /// `exp` over a slice, in place. The f32 version is a polynomial LLVM can vectorise
-    /// (std's `expf` is a scalar libm call and dominates SiLU/softmax otherwise).
-    fn exp_in_place(xs: &mut [Self]);
+    fn max(self, other: Self) -> Self;
+    /// The logistic function 1/(1+e^-x).
+    #[inline(always)]
+    fn sigmoid(self) -> Self {
+        let one = Self::from_f64(1.0);
+        one / (one + (Self::from_f64(0.0) - self).exp())
+    }
 }
 
 impl Real for f32 {
+    #[inline(always)]
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f32::sqrt(self)
     }
-    fn exp_in_place(xs: &mut [Self]) {
-        with_simd(|| {
-            for x in xs.iter_mut() {
-                *x = exp_f32(*x)
-            }
-        })
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f32::max(self, other)
     }
 }
 
 impl Real for f64 {
+    #[inline(always)]
     fn exp(self) -> Self {
         f64::exp(self)
     }
+    #[inline(always)]
     fn sqrt(self) -> Self {
         f64::sqrt(self)
     }
-    fn exp_in_place(xs: &mut [Self]) {
-        for x in xs.iter_mut() {
-            *x = x.exp()
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f64::max(self, other)
+    }
+}
+
+/// Σ f(x) over xs with 16 independent accumulators, so the loop vectorises (a single running sum
+/// is a serial dependency chain LLVM may not reorder).
+#[inline(always)]
+pub(crate) fn sum_by<T: Real>(xs: &[T], f: impl Fn(T) -> T) -> T {
+    let zero = T::from_f64(0.0);
+    let mut acc = [zero; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f(x);
         }
     }
+    let tail = tail.iter().fold(zero, |s, &x| s + f(x));
+    acc.iter().fold(tail, |s, &x| s + x)
+}
+
+/// Element-wise kernels run in chunks of this many elements: big enough to amortise a rayon
+/// task, small enough that 1M-element maps split across threads.
+pub(crate) const MAP_CHUNK: usize = 1 << 15;
+
+/// Runs `f(start, chunk)` over `MAP_CHUNK`-sized pieces of `out` in parallel, each compiled for
+/// the CPU's vector unit.
+pub(crate) fn par_map<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
+    use rayon::prelude::*;
+    if out.len() <= MAP_CHUNK || num_threads() == 1 {
+        return with_simd(|| f(0, out));
+    }
+    out.par_chunks_mut(MAP_CHUNK)
+        .enumerate()
+        .for_each(|(i, c)| with_simd(|| f(i * MAP_CHUNK, c)));
 }
 
 /// Branch-free `exp` for f32 (Cephes `expf` polynomial on a range-reduced argument), relative
@@ -237,4 +277,25 @@ pub(crate) fn for_each_item<T: Send>(
             .enumerate()
             .try_for_each(|(i, c)| f(i, c, gemm_parallelism(threads)))
     }
+}
+
+/// Runs the f32 or f64 kernel according to the storage's dtype and wraps the result.
+pub(crate) fn by_dtype(
+    s: &CpuStorage,
+    shape: Shape,
+    f32_fn: impl FnOnce() -> Result<Vec<f32>>,
+    f64_fn: impl FnOnce() -> Result<Vec<f64>>,
+) -> Result<(CpuStorage, Shape)> {
+    let storage = match s {
+        CpuStorage::F32(_) => CpuStorage::F32(f32_fn()?),
+        CpuStorage::F64(_) => CpuStorage::F64(f64_fn()?),
+        other => bail!("fast CPU ops support f32/f64, got {:?}", other.dtype()),
+    };
+    Ok((storage, shape))
+}
+
+/// Whether the fast CPU kernels apply: a CPU tensor of f32 or f64. Everything else (CUDA,
+/// half precision) goes to candle's own ops.
+pub(crate) fn fast_path(t: &candle_core::Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
