@@ -43,8 +43,8 @@ fn extreme_inputs_stay_finite() {
 fn gradient_matches_candle_and_finite_differences() {
     for dims in [&[7, 65, 9, 11][..], &[3, 5]] {
         let x = (randn(2, dims, DType::F64) * 4.0).unwrap();
-        let ours = autograd(&|t| silu(&t[0]), &[x.clone()], 5);
-        let theirs = autograd(&|t| t[0].silu(), &[x.clone()], 5);
+        let ours = autograd(&|t| silu(&t[0]), std::slice::from_ref(&x), 5);
+        let theirs = autograd(&|t| t[0].silu(), std::slice::from_ref(&x), 5);
         assert!(rel_err(&ours[0], &theirs[0]) <= 1e-13);
         check_grads(&|t| silu(&t[0]), &[x], 30);
     }

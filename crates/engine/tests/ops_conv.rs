@@ -8,7 +8,8 @@ use diffguard_engine::ops::conv::conv2d;
 use ops_common::{autograd, check_grads, randn, rel_err};
 
 /// (batch, cin, cout, h, w, k, stride, pad)
-const CASES: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
+const CASES: &[Case] = &[
     (1, 3, 65, 7, 9, 3, 1, 1),
     (7, 65, 3, 5, 7, 3, 1, 1),
     (2, 5, 6, 9, 7, 3, 2, 1),

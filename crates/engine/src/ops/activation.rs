@@ -32,7 +32,7 @@ impl CustomOp1 for Silu {
             let mut y = x.to_vec();
             par_map(&mut y, |_, c| {
                 for v in c.iter_mut() {
-                    *v = *v * v.sigmoid();
+                    *v *= v.sigmoid();
                 }
             });
             Ok(y)

@@ -6,7 +6,7 @@
 
 use super::dense::{
     Mat, Parallelism, Real, by_dtype as dispatch, contiguous, fast_path, for_each_item, gemm,
-    num_threads,
+    num_threads, with_scratch,
 };
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
@@ -197,28 +197,6 @@ fn col2im<T: Real>(g: &Geom, cols: &[T], dx: &mut [T], par: Parallelism) {
             }
         })
     });
-}
-
-/// A per-thread scratch buffer reused across calls (im2col matrices are megabytes; allocating and
-/// page-faulting them on every call costs as much as the copy). Taken out of the slot while in use,
-/// so re-entrant use (rayon work stealing) just allocates.
-fn with_scratch<T: Real, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-    use std::any::Any;
-    use std::cell::RefCell;
-    thread_local! {
-        static SLOT: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
-    }
-    let mut buf: Vec<T> = SLOT
-        .with(|s| s.borrow_mut().take())
-        .and_then(|b| b.downcast::<Vec<T>>().ok())
-        .map(|b| *b)
-        .unwrap_or_default();
-    if buf.len() < len {
-        buf.resize(len, T::from_f64(0.0));
-    }
-    let r = f(&mut buf[..len]);
-    SLOT.with(|s| *s.borrow_mut() = Some(Box::new(buf)));
-    r
 }
 
 /// The column matrix of image `x` as a gemm operand: the image itself for pointwise convs,

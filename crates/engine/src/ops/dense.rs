@@ -299,3 +299,25 @@ pub(crate) fn by_dtype(
 pub(crate) fn fast_path(t: &candle_core::Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
+
+/// A per-thread scratch buffer reused across calls (im2col and score matrices are megabytes;
+/// allocating and page-faulting them on every call costs as much as filling them). Taken out of the slot while in use,
+/// so re-entrant use (rayon work stealing) just allocates.
+pub(crate) fn with_scratch<T: Real, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
+    use std::any::Any;
+    use std::cell::RefCell;
+    thread_local! {
+        static SLOT: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+    }
+    let mut buf: Vec<T> = SLOT
+        .with(|s| s.borrow_mut().take())
+        .and_then(|b| b.downcast::<Vec<T>>().ok())
+        .map(|b| *b)
+        .unwrap_or_default();
+    if buf.len() < len {
+        buf.resize(len, T::from_f64(0.0));
+    }
+    let r = f(&mut buf[..len]);
+    SLOT.with(|s| *s.borrow_mut() = Some(Box::new(buf)));
+    r
+}
