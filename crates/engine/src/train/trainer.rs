@@ -181,6 +181,10 @@ impl<O: Objective> Trainer<O> {
         self.state.step
     }
 
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
     pub fn objective(&self) -> &O {
         &self.objective
     }
