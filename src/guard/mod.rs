@@ -55,6 +55,8 @@ pub enum GuardInitError {
 impl Guard {
     /// Starts the scoring threads and cache tiers. Call inside a Tokio runtime.
     pub fn new(cfg: &Config, detector: Arc<dyn Detector>) -> Result<Arc<Self>, GuardInitError> {
+        // Metrics recorded before the recorder exists are lost; install it first.
+        crate::telemetry::prometheus();
         let memory = MemoryStore::new(
             cfg.cache.memory_capacity,
             Duration::from_secs(cfg.cache.memory_ttl_secs),

@@ -77,7 +77,11 @@ impl Detector for TestDetector {
                 }
                 let px = j.image.to_f32();
                 let mean = px.iter().sum::<f32>() / px.len() as f32;
-                Ok(Score { score: mean, threshold: self.threshold, diagnostics: [("mean".to_string(), f64::from(mean))].into() })
+                Ok(Score {
+                    score: mean,
+                    threshold: self.threshold,
+                    diagnostics: [("mean".to_string(), f64::from(mean))].into(),
+                })
             })
             .collect()
     }
@@ -87,7 +91,8 @@ impl Detector for TestDetector {
 pub fn png(w: u32, h: u32, value: u8) -> Vec<u8> {
     let img = image::GrayImage::from_pixel(w, h, image::Luma([value]));
     let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
     out
 }
 
@@ -95,7 +100,8 @@ pub fn png(w: u32, h: u32, value: u8) -> Vec<u8> {
 pub fn png_rgb(w: u32, h: u32, rgb: [u8; 3]) -> Vec<u8> {
     let img = image::RgbImage::from_pixel(w, h, image::Rgb(rgb));
     let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
     out
 }
 
@@ -123,7 +129,11 @@ impl Upstream {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let stop = CancellationToken::new();
-        tokio::spawn(diffguard::upstream::serve(l, diffguard::upstream::default_classifier(), stop.clone().cancelled_owned()));
+        tokio::spawn(diffguard::upstream::serve(
+            l,
+            diffguard::upstream::default_classifier(),
+            stop.clone().cancelled_owned(),
+        ));
         Self { addr, stop }
     }
 
@@ -133,7 +143,11 @@ impl Upstream {
         let addr = l.local_addr().unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
-        tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(s.cancelled_owned()).await });
+        tokio::spawn(async move {
+            axum::serve(l, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+        });
         Self { addr, stop }
     }
 
@@ -150,15 +164,27 @@ impl Drop for Upstream {
 
 /// Builds a guard config from TOML fragments; listeners on ephemeral loopback ports.
 pub struct GuardBuilder {
+    server: String,
     head: String,
     routes: Vec<String>,
 }
 
 pub fn guard() -> GuardBuilder {
-    GuardBuilder { head: String::new(), routes: Vec::new() }
+    GuardBuilder {
+        server: String::new(),
+        head: String::new(),
+        routes: Vec::new(),
+    }
 }
 
 impl GuardBuilder {
+    /// Extra keys of the `[server]` table.
+    pub fn server(mut self, toml: &str) -> Self {
+        self.server.push_str(toml);
+        self.server.push('\n');
+        self
+    }
+
     /// Extra top-level TOML (e.g. `[cache.redis]`).
     pub fn with(mut self, toml: &str) -> Self {
         self.head.push_str(toml);
@@ -173,7 +199,10 @@ impl GuardBuilder {
     }
 
     pub fn config(&self) -> Config {
-        let mut text = String::from("[server]\nlisten = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 3000\n");
+        let mut text = String::from(
+            "[server]\nlisten = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 3000\n",
+        );
+        text.push_str(&self.server);
         text.push_str(&self.head);
         for r in &self.routes {
             text.push_str("\n[[routes]]\n");
@@ -184,8 +213,13 @@ impl GuardBuilder {
     }
 
     pub async fn start(self, detector: Arc<dyn Detector>) -> TestGuard {
-        let server = diffguard::server::start(&self.config(), detector).await.unwrap();
-        TestGuard { server: Some(server), client: client() }
+        let server = diffguard::server::start(&self.config(), detector)
+            .await
+            .unwrap();
+        TestGuard {
+            server: Some(server),
+            client: client(),
+        }
     }
 }
 
@@ -210,7 +244,8 @@ impl TestResponse {
         self.headers.get(k).and_then(|v| v.to_str().ok())
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -229,12 +264,24 @@ impl TestGuard {
         send(&self.client, req).await
     }
 
-    pub async fn post(&self, path: &str, content_type: &str, body: impl Into<Bytes>) -> TestResponse {
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) -> TestResponse {
         self.post_with(path, content_type, body, &[]).await
     }
 
-    pub async fn post_with(&self, path: &str, content_type: &str, body: impl Into<Bytes>, headers: &[(&str, &str)]) -> TestResponse {
-        let mut b = http::Request::post(format!("http://{}{path}", self.addr())).header("content-type", content_type);
+    pub async fn post_with(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> TestResponse {
+        let mut b = http::Request::post(format!("http://{}{path}", self.addr()))
+            .header("content-type", content_type);
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
@@ -242,11 +289,21 @@ impl TestGuard {
     }
 
     pub async fn get(&self, path: &str) -> TestResponse {
-        self.send(http::Request::get(format!("http://{}{path}", self.addr())).body(Full::new(Bytes::new())).unwrap()).await
+        self.send(
+            http::Request::get(format!("http://{}{path}", self.addr()))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn ops(&self, path: &str) -> TestResponse {
-        self.send(http::Request::get(format!("http://{}{path}", self.ops_addr())).body(Full::new(Bytes::new())).unwrap()).await
+        self.send(
+            http::Request::get(format!("http://{}{path}", self.ops_addr()))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn stop(&mut self) {
@@ -256,12 +313,22 @@ impl TestGuard {
     }
 }
 
-pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: http::Request<Full<Bytes>>) -> TestResponse {
-    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req)).await.expect("request timed out").expect("request failed");
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: http::Request<Full<Bytes>>,
+) -> TestResponse {
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    TestResponse { status, headers, body }
+    TestResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// Multipart body with one file field.
@@ -277,13 +344,21 @@ pub fn multipart(field: &str, file: &[u8]) -> (String, Vec<u8>) {
 pub fn classifier_label(png: &[u8]) -> usize {
     let img = diffguard::guard::decode::decode(png, 1 << 24).unwrap();
     let l = diffguard::upstream::default_classifier().logits(&img);
-    l.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0
+    l.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0
 }
 
 /// Counts of a metric family's samples in the Prometheus text, keyed by the full sample line prefix.
 pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && (l.as_bytes().get(name.len()) == Some(&b'{') || l.as_bytes().get(name.len()) == Some(&b' ')))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
         .filter(|l| l.contains(label_filter))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -295,7 +370,10 @@ pub struct Seen(pub Arc<Mutex<Vec<HashMap<String, String>>>>);
 
 impl Seen {
     pub fn push(&self, h: &HeaderMap) {
-        let m = h.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+        let m = h
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
         self.0.lock().unwrap().push(m);
     }
     pub fn last(&self) -> HashMap<String, String> {
