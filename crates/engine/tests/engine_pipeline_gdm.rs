@@ -97,8 +97,8 @@ fn unguided_branch_matches_reference() {
     let z = case.f32("z");
     let k_star = case.vec_i64("k_star");
     let x_uncond = case.f32("x_uncond");
-    for k in 0..2 {
-        let start = start_index(k_star[k] as usize, 20, 3);
+    for (k, &ks) in k_star.iter().enumerate() {
+        let start = start_index(ks as usize, 20, 3);
         let js = case.vec_i64(&format!("img{k}.den.j"));
         assert_eq!(js[0] as usize, start);
         let mut x = z.narrow(0, k, 1).unwrap();
