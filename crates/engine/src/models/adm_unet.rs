@@ -35,7 +35,7 @@ pub struct AttentionBlock {
 
 impl AttentionBlock {
     pub fn new(vb: VarBuilder, channels: usize, heads: usize) -> Result<Self> {
-        if heads == 0 || channels % heads != 0 {
+        if heads == 0 || !channels.is_multiple_of(heads) {
             return Err(EngineError::Config(format!(
                 "attention: {channels} channels not divisible into {heads} heads"
             )));
@@ -68,7 +68,7 @@ enum Layer {
     Pool,
     /// Nearest `Upsample`, with its `conv` when conv_resample.
     Up(Option<Conv2d>),
-    Res(ResBlock),
+    Res(Box<ResBlock>),
     Attn(Box<dyn ContextLayer>),
 }
 
@@ -141,14 +141,14 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn res(&self, vb: VarBuilder, cin: usize, cout: usize, rs: Resample) -> Result<Layer> {
         let ss = self.spec.use_scale_shift_norm;
-        Ok(Layer::Res(ResBlock::new(
+        Ok(Layer::Res(Box::new(ResBlock::new(
             vb,
             cin,
             self.emb_dim,
             cout,
             ss,
             rs,
-        )?))
+        )?)))
     }
 
     fn down(&self, vb: VarBuilder, ch: usize) -> Result<Layer> {
@@ -179,7 +179,11 @@ impl Builder<'_> {
 impl UNetModel {
     pub fn new(vb: VarBuilder, spec: UNetSpec, attn: &AttnFactory) -> Result<Self> {
         let levels = spec.channel_mult.len();
-        if levels == 0 || spec.model_channels % super::layers::NORM_GROUPS != 0 {
+        if levels == 0
+            || !spec
+                .model_channels
+                .is_multiple_of(super::layers::NORM_GROUPS)
+        {
             return Err(EngineError::Config(format!(
                 "UNet needs ≥1 level and model_channels divisible by 32, got {:?} / {}",
                 spec.channel_mult, spec.model_channels
@@ -406,7 +410,7 @@ impl AdmUNetConfig {
     fn spec(&self) -> Result<UNetSpec> {
         let mut attention_ds = Vec::new();
         for &r in &self.attention_resolutions {
-            if r == 0 || self.image_size % r != 0 {
+            if r == 0 || !self.image_size.is_multiple_of(r) {
                 return Err(EngineError::Config(format!(
                     "attention resolution {r} does not divide image_size {}",
                     self.image_size
