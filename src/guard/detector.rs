@@ -89,7 +89,15 @@ pub trait Detector: Send + Sync {
 /// Builds the detector named by `detector.kind`.
 pub fn build_detector(cfg: &DetectorConfig) -> Result<Arc<dyn Detector>, DetectorError> {
     match cfg.kind.as_str() {
-        "diffguard" => Ok(Arc::new(UnwiredDetector)),
+        "diffguard" => {
+            let dir = super::diffguard::bundle_dir(cfg)?;
+            let device = super::diffguard::device_name(cfg)?;
+            Ok(Arc::new(super::diffguard::DiffGuardDetector::open(
+                &dir,
+                &device,
+                cfg.num_classes,
+            )?))
+        }
         other => Err(DetectorError::Unavailable(format!(
             "unknown detector.kind `{other}` (known: diffguard)"
         ))),

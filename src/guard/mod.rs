@@ -10,6 +10,7 @@
 
 pub mod decode;
 pub mod detector;
+pub mod diffguard;
 pub mod layer;
 pub mod policy;
 pub mod queue;

@@ -14,6 +14,7 @@
 //! - [`data`]: real dataset loaders (Fashion-MNIST, MNIST, Animal-MNIST, image folders).
 //! - [`eval`]: OOD metrics and baseline detectors.
 
+pub mod bundle;
 pub mod data;
 pub mod ddim;
 pub mod early_stop;

@@ -1,0 +1,311 @@
+//! A detector bundle: one folder holding the project's own models, the recipe that runs them and
+//! (optionally) calibrated thresholds, described by `bundle.json`. It is what `diffguard serve`
+//! loads by default and what `diffguard train` / `calibrate` write.
+//!
+//! ```text
+//! models/fashion-mnist/
+//!   bundle.json            names, architectures, recipe, file names
+//!   classifier.safetensors the classifier under protection (small ResNet)
+//!   diffusion.safetensors  the class-conditional pixel DDPM (EMA weights)
+//!   thresholds.json        from `diffguard calibrate`, stamped with the detector fingerprint
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::calibrate::ThresholdsFile;
+use crate::models::load::{Checkpoint, LoadOptions};
+use crate::models::pixel_unet::{PixelUNet, PixelUNetConfig};
+use crate::models::resnet::{ResNet, ResNetConfig};
+use crate::ops::resize::bilinear_resize;
+use crate::pipeline::{DiffGuard, ImageResult, Models};
+use crate::recipe::{Recipe, fingerprint};
+use crate::{EngineError, LabelId, Result};
+
+/// The manifest file inside a bundle folder.
+pub const MANIFEST: &str = "bundle.json";
+
+/// `bundle.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Short name shown in logs and reports.
+    pub name: String,
+    /// Class names, index = label id.
+    pub labels: Vec<String>,
+    pub classifier: ClassifierEntry,
+    pub denoiser: DenoiserEntry,
+    pub recipe: Recipe,
+    /// Thresholds file relative to the bundle; absent until calibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierEntry {
+    pub weights: String,
+    pub resnet: ResNetConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenoiserEntry {
+    pub weights: String,
+    pub pixel_unet: PixelUNetConfig,
+}
+
+impl Manifest {
+    /// Reads and parses `dir/bundle.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| EngineError::Format {
+            path: path.display().to_string(),
+            what: "bundle manifest",
+            detail: e.to_string(),
+        })
+    }
+
+    /// Writes `dir/bundle.json` (pretty, so reviews can diff it).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST);
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| EngineError::Config(format!("bundle manifest: {e}")))?;
+        std::fs::write(&path, text + "\n").map_err(|source| EngineError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// A loaded bundle: the runnable detector, its fingerprint and its thresholds.
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub detector: DiffGuard,
+    pub classifier: Arc<ResNet>,
+    /// Recipe + weight hashes: what a thresholds file must be stamped with.
+    pub fingerprint: String,
+    pub thresholds: Option<ThresholdsFile>,
+    /// Where the models run.
+    pub device: Device,
+}
+
+impl Bundle {
+    /// Loads every model of the bundle on `device`, checking each checkpoint against its
+    /// architecture, and the thresholds file against the detector fingerprint.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        let manifest = Manifest::read(dir)?;
+        if manifest.labels.len() != manifest.classifier.resnet.num_classes {
+            return Err(EngineError::Config(format!(
+                "{}: {} labels but the classifier has {} classes",
+                dir.join(MANIFEST).display(),
+                manifest.labels.len(),
+                manifest.classifier.resnet.num_classes
+            )));
+        }
+        let classifier_path = dir.join(&manifest.classifier.weights);
+        let denoiser_path = dir.join(&manifest.denoiser.weights);
+        let classifier = Arc::new(ResNet::load(
+            &classifier_path,
+            &manifest.classifier.resnet,
+            DType::F32,
+            device,
+        )?);
+        let opts = LoadOptions::new(DType::F32, device);
+        let unet_config = manifest.denoiser.pixel_unet.clone();
+        let denoiser = Arc::new(
+            Checkpoint::open(&denoiser_path)?
+                .load(&opts, |vb| PixelUNet::new(vb, unet_config.clone()))?,
+        );
+        let fingerprint = fingerprint(
+            &manifest.recipe,
+            &[
+                ("classifier", &hash_file(&classifier_path)?),
+                ("denoiser", &hash_file(&denoiser_path)?),
+            ],
+        )?;
+        let thresholds = match &manifest.thresholds {
+            Some(file) => Some(ThresholdsFile::load(&dir.join(file), &fingerprint)?),
+            None => None,
+        };
+        let models = Models {
+            denoiser,
+            classifier: classifier.clone(),
+            autoencoder: None,
+            dists: None,
+        };
+        let detector = DiffGuard::new(manifest.recipe.clone(), models)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            detector,
+            classifier,
+            fingerprint,
+            thresholds,
+            device: device.clone(),
+        })
+    }
+}
+
+/// Decoded pixels as a client sent them: row-major, `channels` interleaved bytes per pixel.
+#[derive(Debug, Clone, Copy)]
+pub struct RawImage<'a> {
+    pub width: u32,
+    pub height: u32,
+    /// 1 (gray) or 3 (RGB).
+    pub channels: u8,
+    pub pixels: &'a [u8],
+}
+
+impl Bundle {
+    /// Scores client images against the labels the classifier predicted. Each image is brought to
+    /// the model's channels (luma for gray models) and input size (bilinear), then all valid images
+    /// run as one batch. One result per image, in order; a bad image fails alone.
+    pub fn score_images(
+        &self,
+        images: &[RawImage<'_>],
+        labels: &[LabelId],
+    ) -> Vec<Result<ImageResult>> {
+        if images.len() != labels.len() {
+            let msg = format!("{} images but {} labels", images.len(), labels.len());
+            return images
+                .iter()
+                .map(|_| Err(EngineError::InvalidInput(msg.clone())))
+                .collect();
+        }
+        let prepared: Vec<Result<Tensor>> = images.iter().map(|im| self.prepare(im)).collect();
+        let ok: Vec<usize> = (0..images.len()).filter(|&i| prepared[i].is_ok()).collect();
+        let batch = self.score_prepared(&prepared, &ok, labels);
+        let mut batch = match batch {
+            Ok(results) => results.into_iter().map(Ok).collect::<Vec<_>>(),
+            Err(e) => {
+                let msg = e.to_string();
+                ok.iter()
+                    .map(|_| Err(EngineError::InvalidInput(msg.clone())))
+                    .collect()
+            }
+        }
+        .into_iter();
+        prepared
+            .into_iter()
+            .map(|p| match p {
+                Ok(_) => batch.next().unwrap_or_else(|| {
+                    Err(EngineError::InvalidInput(
+                        "engine returned too few results".into(),
+                    ))
+                }),
+                Err(e) => Err(e),
+            })
+            .collect()
+    }
+
+    fn score_prepared(
+        &self,
+        prepared: &[Result<Tensor>],
+        ok: &[usize],
+        labels: &[LabelId],
+    ) -> Result<Vec<ImageResult>> {
+        if ok.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<Tensor> = ok
+            .iter()
+            .filter_map(|&i| prepared[i].as_ref().ok().cloned())
+            .collect();
+        let x = Tensor::cat(&rows, 0)?;
+        let labels: Vec<LabelId> = ok.iter().map(|&i| labels[i]).collect();
+        self.detector.score(&x, Some(&labels))
+    }
+
+    /// One image → (1, C, S, S) in [-1,1] on the classifier's device.
+    fn prepare(&self, im: &RawImage<'_>) -> Result<Tensor> {
+        let (w, h, c) = (im.width as usize, im.height as usize, im.channels as usize);
+        if w == 0 || h == 0 || !matches!(c, 1 | 3) || im.pixels.len() != w * h * c {
+            return Err(EngineError::InvalidInput(format!(
+                "image {w}x{h} with {c} channels and {} bytes: need 1 or 3 channels and w*h*c bytes",
+                im.pixels.len()
+            )));
+        }
+        let want_c = self.manifest.classifier.resnet.in_channels;
+        let size = self.manifest.denoiser.pixel_unet.image_size;
+        let device = &self.device;
+        let hwc = Tensor::from_vec(im.pixels.to_vec(), (h, w, c), device)?.to_dtype(DType::F32)?;
+        let chw = hwc.permute((2, 0, 1))?.contiguous()?;
+        let chw = match (c, want_c) {
+            (3, 1) => {
+                // ITU-R BT.601 luma, as PIL's convert("L") does.
+                let coeff = Tensor::new(&[0.299f32, 0.587, 0.114], device)?.reshape((3, 1, 1))?;
+                chw.broadcast_mul(&coeff)?.sum_keepdim(0)?
+            }
+            (1, 3) => chw.repeat((3, 1, 1))?,
+            _ => chw,
+        };
+        let x = (chw.unsqueeze(0)? / 127.5)? - 1.0;
+        bilinear_resize(&x?, size, size)
+    }
+}
+
+/// Parses a device name from configuration: `cpu`, `cuda` or `cuda:N`. A CUDA name in a build
+/// without the `cuda` feature is a clear error rather than a silent CPU fallback.
+pub fn device_from_name(name: &str) -> Result<Device> {
+    let ordinal = match name.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                EngineError::Config(format!(
+                    "unknown device `{other}` (expected cpu, cuda or cuda:N)"
+                ))
+            })?,
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(EngineError::Config(format!(
+            "device `{name}` needs a build with `--features cuda` and an NVIDIA GPU"
+        )));
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// blake3 of a file's bytes, hex.
+pub fn hash_file(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| EngineError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+/// Writes a bundle whose networks carry freshly initialised (untrained, seeded) weights: what
+/// tests use to exercise loading and the full pipeline without a trained model.
+pub fn write_untrained(dir: &Path, manifest: &Manifest, seed: u64) -> Result<()> {
+    use crate::train::init::seeded_var_builder;
+    use candle_nn::VarMap;
+    std::fs::create_dir_all(dir).map_err(|source| EngineError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let device = Device::Cpu;
+    let vars = VarMap::new();
+    ResNet::new(
+        seeded_var_builder(&vars, seed, DType::F32, &device),
+        &manifest.classifier.resnet,
+    )?;
+    vars.save(dir.join(&manifest.classifier.weights))?;
+    let vars = VarMap::new();
+    PixelUNet::new(
+        seeded_var_builder(&vars, seed, DType::F32, &device),
+        manifest.denoiser.pixel_unet.clone(),
+    )?;
+    vars.save(dir.join(&manifest.denoiser.weights))?;
+    manifest.write(dir)
+}

@@ -1,0 +1,136 @@
+//! A bundle folder round trip: written with seeded, untrained weights, opened through the checked
+//! loader, fingerprinted, and run end to end on real Fashion-MNIST test images.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use diffguard_engine::bundle::{Bundle, ClassifierEntry, DenoiserEntry, Manifest, write_untrained};
+use diffguard_engine::data::{FashionSplit, PixelRange, data_dir, fashion_mnist};
+use diffguard_engine::models::pixel_unet::PixelUNetConfig;
+use diffguard_engine::models::resnet::ResNetConfig;
+use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+
+fn tiny_manifest() -> Manifest {
+    Manifest {
+        name: "test".into(),
+        labels: (0..10).map(|i| format!("class{i}")).collect(),
+        classifier: ClassifierEntry {
+            weights: "classifier.safetensors".into(),
+            resnet: ResNetConfig::small(1, vec![8, 16], vec![1, 1], 10, vec![0.286], vec![0.353]),
+        },
+        denoiser: DenoiserEntry {
+            weights: "diffusion.safetensors".into(),
+            pixel_unet: PixelUNetConfig {
+                image_size: 28,
+                in_channels: 1,
+                model_channels: 32,
+                channel_mult: vec![1, 2],
+                num_res_blocks: 1,
+                attention_ds: vec![2],
+                num_head_channels: 32,
+                num_classes: 10,
+            },
+        },
+        // A short trajectory keeps the test fast: 10 DDIM steps, 6 of them inverted.
+        recipe: Recipe::PixelCfg(PixelCfgRecipe {
+            ddim_steps: 10,
+            early_stop_steps: 4,
+            ..PixelCfgRecipe::default()
+        }),
+        thresholds: None,
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("diffguard-bundle-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn untrained_bundle_loads_and_scores_real_images() {
+    let dir = scratch("score");
+    write_untrained(&dir, &tiny_manifest(), 7).unwrap();
+    let bundle = Bundle::open(&dir, &Device::Cpu).unwrap();
+    assert_eq!(bundle.fingerprint.len(), 64);
+
+    let fashion = data_dir().join("fashion-mnist");
+    if !fashion.exists() {
+        eprintln!(
+            "SKIPPED scoring: no Fashion-MNIST under {} (run scripts/fetch-data.sh)",
+            fashion.display()
+        );
+        return;
+    }
+    let test = fashion_mnist(&fashion, FashionSplit::Test).unwrap();
+    let x = test
+        .batch_tensor(&[0, 1, 2], PixelRange::MinusOneOne, &Device::Cpu)
+        .unwrap();
+    let results = bundle.detector.score(&x, None).unwrap();
+    assert_eq!(results.len(), 3);
+    for r in &results {
+        assert!(r.score.is_finite(), "score {}", r.score);
+        // logits-L1 similarity is a negated distance.
+        assert!(r.score <= 0.0);
+        assert_eq!(r.synthesis.dims(), &[1, 28, 28]);
+        assert!(r.nfe.denoiser > 0);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fingerprint_follows_weights_and_recipe() {
+    let a = scratch("fp-a");
+    let b = scratch("fp-b");
+    write_untrained(&a, &tiny_manifest(), 7).unwrap();
+    write_untrained(&b, &tiny_manifest(), 7).unwrap();
+    let fa = Bundle::open(&a, &Device::Cpu).unwrap().fingerprint;
+    // Same seed, same weights, same recipe: same detector.
+    assert_eq!(fa, Bundle::open(&b, &Device::Cpu).unwrap().fingerprint);
+
+    write_untrained(&b, &tiny_manifest(), 8).unwrap();
+    assert_ne!(
+        fa,
+        Bundle::open(&b, &Device::Cpu).unwrap().fingerprint,
+        "new weights"
+    );
+
+    let mut m = tiny_manifest();
+    if let Recipe::PixelCfg(r) = &mut m.recipe {
+        r.guidance_scale = 5.0;
+    }
+    write_untrained(&b, &m, 7).unwrap();
+    assert_ne!(
+        fa,
+        Bundle::open(&b, &Device::Cpu).unwrap().fingerprint,
+        "new recipe"
+    );
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn manifest_that_does_not_match_the_weights_is_a_named_error() {
+    let dir = scratch("mismatch");
+    let mut m = tiny_manifest();
+    write_untrained(&dir, &m, 7).unwrap();
+    m.denoiser.pixel_unet.model_channels = 64;
+    m.write(&dir).unwrap();
+    let err = Bundle::open(&dir, &Device::Cpu)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("diffusion.safetensors"), "{err}");
+    assert!(err.contains("shape"), "{err}");
+
+    let mut m = tiny_manifest();
+    m.labels.pop();
+    m.write(&dir).unwrap();
+    let err = Bundle::open(&dir, &Device::Cpu)
+        .err()
+        .expect("must fail")
+        .to_string();
+    assert!(err.contains("9 labels"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,118 @@
+//! The DiffGuard detector behind the guard's `Detector` seam, on a real (untrained, seeded) model
+//! bundle: loading, configuration errors, and per-job results for good and bad images.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use diffguard::config::DetectorConfig;
+use diffguard::guard::{DetectorError, Image, Job, build_detector};
+use diffguard_engine::bundle::{ClassifierEntry, DenoiserEntry, Manifest, write_untrained};
+use diffguard_engine::models::pixel_unet::PixelUNetConfig;
+use diffguard_engine::models::resnet::ResNetConfig;
+use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+
+fn bundle(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("diffguard-det-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let manifest = Manifest {
+        name: "test".into(),
+        labels: (0..10).map(|i| format!("class{i}")).collect(),
+        classifier: ClassifierEntry {
+            weights: "classifier.safetensors".into(),
+            resnet: ResNetConfig::small(1, vec![8, 16], vec![1, 1], 10, vec![0.5], vec![0.5]),
+        },
+        denoiser: DenoiserEntry {
+            weights: "diffusion.safetensors".into(),
+            pixel_unet: PixelUNetConfig {
+                image_size: 28,
+                in_channels: 1,
+                model_channels: 32,
+                channel_mult: vec![1, 2],
+                num_res_blocks: 1,
+                attention_ds: vec![2],
+                num_head_channels: 32,
+                num_classes: 10,
+            },
+        },
+        recipe: Recipe::PixelCfg(PixelCfgRecipe {
+            ddim_steps: 10,
+            early_stop_steps: 4,
+            ..PixelCfgRecipe::default()
+        }),
+        thresholds: None,
+    };
+    write_untrained(&dir, &manifest, 3).unwrap();
+    dir
+}
+
+fn config(dir: &std::path::Path) -> DetectorConfig {
+    let mut cfg = DetectorConfig::default();
+    cfg.settings.insert(
+        "bundle".into(),
+        serde_json::Value::String(dir.display().to_string()),
+    );
+    cfg
+}
+
+fn job(width: u32, height: u32, channels: u8, label: u32) -> Job {
+    let n = (width * height * u32::from(channels)) as usize;
+    Job {
+        image: Arc::new(Image {
+            width,
+            height,
+            channels,
+            pixels: (0..n).map(|i| (i * 37 % 256) as u8).collect(),
+        }),
+        label,
+        logits: None,
+    }
+}
+
+#[test]
+fn scores_each_job_and_fails_bad_ones_alone() {
+    let dir = bundle("score");
+    let detector = build_detector(&config(&dir)).unwrap();
+    assert_eq!(detector.fingerprint().len(), 64);
+    // Gray at the model's size, RGB at another size (resized and converted), and a broken one.
+    let mut broken = job(28, 28, 1, 1);
+    Arc::get_mut(&mut broken.image).unwrap().pixels.truncate(10);
+    let jobs = [job(28, 28, 1, 0), job(40, 30, 3, 9), broken];
+    let results = detector.score(&jobs);
+    assert_eq!(results.len(), 3);
+    for r in &results[..2] {
+        let s = r.as_ref().unwrap();
+        assert!(s.score.is_finite() && s.score >= 0.0, "{s:?}");
+        // Uncalibrated bundle: never OOD.
+        assert!(s.threshold.is_infinite() && !s.is_ood());
+        assert!(s.diagnostics["denoiser_evals"] > 0.0);
+    }
+    assert!(
+        matches!(results[2], Err(DetectorError::InvalidInput(_))),
+        "{:?}",
+        results[2]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn configuration_errors_name_the_problem() {
+    let dir = bundle("config");
+    let mut cfg = config(&dir);
+    cfg.num_classes = 7;
+    let err = build_detector(&cfg).err().unwrap().to_string();
+    assert!(
+        err.contains("10 classes") && err.contains("num_classes is 7"),
+        "{err}"
+    );
+
+    let mut cfg = config(&dir);
+    cfg.settings
+        .insert("device".into(), serde_json::Value::String("tpu".into()));
+    let err = build_detector(&cfg).err().unwrap().to_string();
+    assert!(err.contains("unknown device `tpu`"), "{err}");
+
+    let cfg = config(&dir.join("nowhere"));
+    let err = build_detector(&cfg).err().unwrap().to_string();
+    assert!(err.contains("bundle.json"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
