@@ -9,11 +9,12 @@
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Module, ModuleT, Tensor, Var};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{BatchNorm, BatchNormConfig, Conv2dConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Classifier, ClassifierOutput, LabelId};
 use crate::models::load::{Checkpoint, IGNORE_BN_COUNTERS, LoadOptions};
+use crate::ops::conv::FrozenConv2d;
 use crate::ops::pool::{MaxPool2d, global_avg_pool};
 use crate::{EngineError, Result};
 
@@ -141,6 +142,8 @@ impl ResNetConfig {
     }
 }
 
+/// A bias-free conv (torchvision convs feed a BatchNorm). Input gradients go through
+/// [`FrozenConv2d`]'s cheap backward unless the weights are trainable `Var`s.
 fn conv(
     vb: VarBuilder,
     cin: usize,
@@ -148,13 +151,14 @@ fn conv(
     k: usize,
     stride: usize,
     padding: usize,
-) -> Result<Conv2d> {
+) -> Result<FrozenConv2d> {
     let cfg = Conv2dConfig {
         padding,
         stride,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)?)
+    let c = candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)?;
+    FrozenConv2d::new(c.weight().clone(), None, padding, stride)
 }
 
 fn bn(vb: VarBuilder, c: usize, eps: f64) -> Result<BatchNorm> {
@@ -168,8 +172,11 @@ fn bn(vb: VarBuilder, c: usize, eps: f64) -> Result<BatchNorm> {
 /// Conv → BN (→ ReLU) pair, the unit everything is made of.
 #[derive(Debug, Clone)]
 struct ConvBn {
-    conv: Conv2d,
+    conv: FrozenConv2d,
     bn: BatchNorm,
+    /// The eval-mode BN folded into the conv, for constant weights: one op instead of five
+    /// broadcast ops whose backward reduces gradients for BN statistics nobody needs.
+    folded: Option<FrozenConv2d>,
 }
 
 impl ConvBn {
@@ -181,43 +188,57 @@ impl ConvBn {
         stride: usize,
         eps: f64,
     ) -> Result<Self> {
-        Ok(Self {
-            conv: conv(vb.pp(format!("conv{n}")), io.0, io.1, k, stride, k / 2)?,
-            bn: bn(vb.pp(format!("bn{n}")), io.1, eps)?,
-        })
+        let conv = conv(vb.pp(format!("conv{n}")), io.0, io.1, k, stride, k / 2)?;
+        let bn = bn(vb.pp(format!("bn{n}")), io.1, eps)?;
+        Self::assemble(conv, bn, k / 2, stride)
+    }
+
+    fn assemble(conv: FrozenConv2d, bn: BatchNorm, padding: usize, stride: usize) -> Result<Self> {
+        // Weights from a VarMap are Vars (training); checkpoint weights are plain tensors. The
+        // BN statistics cannot tell: candle wraps them in Vars either way.
+        let folded = if conv.weight().is_variable() {
+            None
+        } else {
+            Some(fold_bn(&conv, &bn, padding, stride)?)
+        };
+        Ok(Self { conv, bn, folded })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self
-            .bn
-            .forward_t(&strided_safe_conv(&self.conv, x)?, train)?)
+        match (&self.folded, train) {
+            (Some(folded), false) => folded.forward(x),
+            _ => Ok(self.bn.forward_t(&self.conv.forward(x)?, train)?),
+        }
     }
 }
 
-/// `conv.forward(x)`, except when the backward pass would fail: candle 0.11.1 derives the
-/// output padding of a strided conv's input gradient from the height alone (backprop.rs), so a
-/// non-square input whose H and W leave different remainders modulo the stride errors in
-/// backward. Those cases run the conv at stride 1 and subsample, which has the same values and a
-/// correct gradient. Square inputs (everything DiffGuard feeds) take the direct path.
-fn strided_safe_conv(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
-    let cfg = conv.config();
-    let (s, p) = (cfg.stride, cfg.padding);
-    let (_, _, h, w) = x.dims4()?;
-    let (kh, kw) = (conv.weight().dim(2)?, conv.weight().dim(3)?);
-    if s == 1 || h + 2 * p < kh || w + 2 * p < kw || (h + 2 * p - kh) % s == (w + 2 * p - kw) % s {
-        return Ok(conv.forward(x)?);
-    }
-    let full = x.conv2d(conv.weight(), p, 1, cfg.dilation, cfg.groups)?;
-    let every = |len: usize| {
-        let idx: Vec<u32> = (0..len).step_by(s).map(|i| i as u32).collect();
-        Tensor::new(idx.as_slice(), x.device())
+/// conv(x; W)·s + t = conv(x; W·s) + t with s = γ/√(σ² + ε), t = β − μ·s; computed in f64.
+fn fold_bn(
+    conv: &FrozenConv2d,
+    bn: &BatchNorm,
+    padding: usize,
+    stride: usize,
+) -> Result<FrozenConv2d> {
+    let dtype = conv.weight().dtype();
+    let f64_of = |t: &Tensor| t.to_dtype(DType::F64);
+    let (mean, var) = (f64_of(bn.running_mean())?, f64_of(bn.running_var())?);
+    let inv_std = (var + bn.eps())?.sqrt()?.recip()?;
+    let (scale, shift) = match bn.weight_and_bias() {
+        Some((g, b)) => {
+            let scale = (f64_of(g)? * inv_std)?;
+            let shift = (f64_of(b)? - (&mean * &scale)?)?;
+            (scale, shift)
+        }
+        None => (inv_std.clone(), (mean.neg()? * inv_std)?),
     };
-    let full = full.index_select(&every(full.dim(2)?)?, 2)?;
-    let full = full.index_select(&every(full.dim(3)?)?, 3)?;
-    Ok(match conv.bias() {
-        Some(b) => full.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-        None => full,
-    })
+    let weight = f64_of(conv.weight())?.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+    // Detached: candle keeps BN statistics in Vars, which would make the folded weights look
+    // trainable and send the conv down candle's slow backward.
+    let (weight, shift) = (
+        weight.to_dtype(dtype)?.detach(),
+        shift.to_dtype(dtype)?.detach(),
+    );
+    FrozenConv2d::new(weight, Some(shift), padding, stride)
 }
 
 #[derive(Debug, Clone)]
@@ -250,10 +271,8 @@ impl Block {
         };
         let downsample = if stride != 1 || cin != cout {
             let ds = vb.pp("downsample");
-            Some(ConvBn {
-                conv: conv(ds.pp("0"), cin, cout, 1, stride, 0)?,
-                bn: bn(ds.pp("1"), cout, eps)?,
-            })
+            let c = conv(ds.pp("0"), cin, cout, 1, stride, 0)?;
+            Some(ConvBn::assemble(c, bn(ds.pp("1"), cout, eps)?, 0, stride)?)
         } else {
             None
         };
