@@ -363,4 +363,11 @@ fn trainable_and_frozen_paths_agree() {
     let ga = trainable.log_prob_input_grad(&x, &labels).unwrap();
     let gb = frozen.log_prob_input_grad(&x, &labels).unwrap();
     assert!(rel_to_max(&ga, &gb) < 1e-12);
+
+    // Training mode: batch statistics, gradients reach the weights; refused on constant weights.
+    let logits = trainable.forward_t(&x, true).unwrap().logits;
+    let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let w = vm.data().lock().unwrap()["layer2.0.conv1.weight"].clone();
+    assert!(grads.get(w.as_tensor()).is_some());
+    assert!(frozen.forward_t(&x, true).is_err());
 }

@@ -171,12 +171,12 @@ fn bn(vb: VarBuilder, c: usize, eps: f64) -> Result<BatchNorm> {
 
 /// Conv → BN (→ ReLU) pair, the unit everything is made of.
 #[derive(Debug, Clone)]
-struct ConvBn {
-    conv: FrozenConv2d,
-    bn: BatchNorm,
-    /// The eval-mode BN folded into the conv, for constant weights: one op instead of five
-    /// broadcast ops whose backward reduces gradients for BN statistics nobody needs.
-    folded: Option<FrozenConv2d>,
+enum ConvBn {
+    /// Trainable weights (a VarMap): candle's conv + BatchNorm, kernel gradients kept.
+    Trainable { conv: FrozenConv2d, bn: BatchNorm },
+    /// Constant weights (a checkpoint): the eval-mode BN folded into the conv, one op instead
+    /// of five broadcast ops whose backward reduces gradients for BN statistics nobody needs.
+    Folded(FrozenConv2d),
 }
 
 impl ConvBn {
@@ -194,20 +194,23 @@ impl ConvBn {
     }
 
     fn assemble(conv: FrozenConv2d, bn: BatchNorm, padding: usize, stride: usize) -> Result<Self> {
-        // Weights from a VarMap are Vars (training); checkpoint weights are plain tensors. The
-        // BN statistics cannot tell: candle wraps them in Vars either way.
-        let folded = if conv.weight().is_variable() {
-            None
+        // Weights from a VarMap are Vars; checkpoint weights are plain tensors. The BN
+        // statistics cannot tell: candle wraps them in Vars either way.
+        Ok(if conv.weight().is_variable() {
+            Self::Trainable { conv, bn }
         } else {
-            Some(fold_bn(&conv, &bn, padding, stride)?)
-        };
-        Ok(Self { conv, bn, folded })
+            Self::Folded(fold_bn(&conv, &bn, padding, stride)?)
+        })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        match (&self.folded, train) {
-            (Some(folded), false) => folded.forward(x),
-            _ => Ok(self.bn.forward_t(&self.conv.forward(x)?, train)?),
+        match (self, train) {
+            (Self::Folded(folded), false) => folded.forward(x),
+            (Self::Folded(_), true) => Err(EngineError::Config(
+                "training mode needs a ResNet built from a VarMap; this one has constant weights"
+                    .into(),
+            )),
+            (Self::Trainable { conv, bn }, _) => Ok(bn.forward_t(&conv.forward(x)?, train)?),
         }
     }
 }
