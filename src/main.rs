@@ -1,1 +1,133 @@
-fn main() {}
+//! `diffguard`: the guard binary.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use diffguard::config::Config;
+use diffguard::guard::build_detector;
+
+/// DiffGuard guard: a reverse proxy that flags out-of-distribution images in front of a REST
+/// image classifier.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the guard.
+    Serve {
+        /// TOML config file; without it the embedded default runs (in-process cache, one
+        /// TorchServe-style route to 127.0.0.1:8081, the bundled models). Keys can be overridden
+        /// with DIFFGUARD_<SECTION>__<KEY> variables, e.g. DIFFGUARD_CACHE__REDIS__URL.
+        #[arg(long, env = "DIFFGUARD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Proxy listen address (overrides server.listen).
+        #[arg(long, env = "DIFFGUARD_LISTEN")]
+        listen: Option<String>,
+        /// Ops listen address for /healthz, /readyz, /metrics, /openapi.json (overrides server.ops_listen).
+        #[arg(long, env = "DIFFGUARD_OPS_LISTEN")]
+        ops_listen: Option<String>,
+        /// Only load and validate the config, print it (secrets redacted) and exit.
+        #[arg(long, env = "DIFFGUARD_CHECK_CONFIG")]
+        check: bool,
+    },
+    /// Start the example upstream and the guard on loopback, send the bundled images through, print
+    /// a verdict table and exit.
+    Demo {
+        /// How long the guard waits for each verdict (flag policy), milliseconds.
+        #[arg(long, env = "DIFFGUARD_DEMO_WAIT_MS", default_value_t = 30_000)]
+        wait_ms: u64,
+    },
+    /// Print the OpenAPI document of the verdict and ops endpoints.
+    Openapi,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("diffguard: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("diffguard: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            ops_listen,
+            check,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(l) = listen {
+                cfg.server.listen = l;
+            }
+            if let Some(l) = ops_listen {
+                cfg.server.ops_listen = l;
+            }
+            if check {
+                println!("{}", cfg.redacted_toml());
+                return Ok(());
+            }
+            serve(cfg).await
+        }
+        Command::Demo { wait_ms } => demo(wait_ms).await,
+        Command::Openapi => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&diffguard::ops::openapi())?
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let telemetry = diffguard::telemetry::init(&cfg.telemetry)?;
+    tracing::info!(config = %cfg.redacted_toml(), otlp = telemetry.exporting(), "starting");
+    let detector = build_detector(&cfg.detector)?;
+    if !detector.ready() {
+        tracing::warn!(detector = %detector.fingerprint(), "detector not ready: verdicts will be `unverified`");
+    }
+    let server = diffguard::server::start(&cfg, detector).await?;
+    diffguard::server::shutdown_signal().await;
+    tracing::info!("shutting down: draining in-flight requests");
+    server.shutdown().await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await?;
+    Ok(())
+}
+
+async fn demo(wait_ms: u64) -> anyhow::Result<()> {
+    let cfg = Config::load(None)?;
+    let detector: Arc<dyn diffguard::guard::Detector> = build_detector(&cfg.detector)?;
+    let ready = detector.ready();
+    let rows = diffguard::demo::run(detector.clone(), wait_ms).await?;
+    println!("{}", diffguard::demo::table(&rows));
+    println!(
+        "classifier: nearest-centroid on Fashion-MNIST (examples/assets/centroids.png); detector: {}",
+        detector.fingerprint()
+    );
+    if !ready {
+        println!(
+            "note: this build's detector is a placeholder (the DiffGuard engine is not wired in yet), so every verdict is `unverified`."
+        );
+    }
+    Ok(())
+}

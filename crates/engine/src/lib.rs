@@ -27,6 +27,7 @@ pub mod pipeline;
 pub mod recipe;
 pub mod schedule;
 pub mod similarity;
+pub mod train;
 
 pub use error::{EngineError, Result};
 pub use model::{Autoencoder, Classifier, ClassifierOutput, Denoiser, LabelId};

@@ -9,12 +9,12 @@
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Module, ModuleT, Tensor, Var};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Classifier, ClassifierOutput, LabelId};
 use crate::models::load::{Checkpoint, IGNORE_BN_COUNTERS, LoadOptions};
-use crate::ops::conv::FrozenConv2d;
+use crate::ops::conv::conv2d;
 use crate::ops::pool::{MaxPool2d, global_avg_pool};
 use crate::{EngineError, Result};
 
@@ -142,23 +142,45 @@ impl ResNetConfig {
     }
 }
 
-/// A bias-free conv (torchvision convs feed a BatchNorm). Input gradients go through
-/// [`FrozenConv2d`]'s cheap backward unless the weights are trainable `Var`s.
-fn conv(
-    vb: VarBuilder,
-    cin: usize,
-    cout: usize,
-    k: usize,
+/// A convolution through [`crate::ops::conv::conv2d`], whose CPU backward computes only the
+/// gradients something tracks (for checkpoint weights: the input gradient alone).
+#[derive(Debug, Clone)]
+struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
     stride: usize,
     padding: usize,
-) -> Result<FrozenConv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    let c = candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)?;
-    FrozenConv2d::new(c.weight().clone(), None, padding, stride)
+}
+
+impl Conv {
+    /// A bias-free conv with torchvision's names (torchvision convs feed a BatchNorm).
+    fn load(
+        vb: VarBuilder,
+        io: (usize, usize),
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        // Kaiming init matters only for a fresh VarMap (training); checkpoints ignore hints.
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        let weight = vb.get_with_hints((io.1, io.0, k, k), "weight", init)?;
+        Ok(Self {
+            weight,
+            bias: None,
+            stride,
+            padding,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )?)
+    }
 }
 
 fn bn(vb: VarBuilder, c: usize, eps: f64) -> Result<BatchNorm> {
@@ -172,11 +194,11 @@ fn bn(vb: VarBuilder, c: usize, eps: f64) -> Result<BatchNorm> {
 /// Conv → BN (→ ReLU) pair, the unit everything is made of.
 #[derive(Debug, Clone)]
 enum ConvBn {
-    /// Trainable weights (a VarMap): candle's conv + BatchNorm, kernel gradients kept.
-    Trainable { conv: FrozenConv2d, bn: BatchNorm },
+    /// Trainable weights (a VarMap): conv + BatchNorm, kernel gradients kept.
+    Trainable { conv: Conv, bn: BatchNorm },
     /// Constant weights (a checkpoint): the eval-mode BN folded into the conv, one op instead
     /// of five broadcast ops whose backward reduces gradients for BN statistics nobody needs.
-    Folded(FrozenConv2d),
+    Folded(Conv),
 }
 
 impl ConvBn {
@@ -188,18 +210,18 @@ impl ConvBn {
         stride: usize,
         eps: f64,
     ) -> Result<Self> {
-        let conv = conv(vb.pp(format!("conv{n}")), io.0, io.1, k, stride, k / 2)?;
+        let conv = Conv::load(vb.pp(format!("conv{n}")), io, k, stride, k / 2)?;
         let bn = bn(vb.pp(format!("bn{n}")), io.1, eps)?;
-        Self::assemble(conv, bn, k / 2, stride)
+        Self::assemble(conv, bn)
     }
 
-    fn assemble(conv: FrozenConv2d, bn: BatchNorm, padding: usize, stride: usize) -> Result<Self> {
+    fn assemble(conv: Conv, bn: BatchNorm) -> Result<Self> {
         // Weights from a VarMap are Vars; checkpoint weights are plain tensors. The BN
         // statistics cannot tell: candle wraps them in Vars either way.
-        Ok(if conv.weight().is_variable() {
+        Ok(if conv.weight.is_variable() {
             Self::Trainable { conv, bn }
         } else {
-            Self::Folded(fold_bn(&conv, &bn, padding, stride)?)
+            Self::Folded(fold_bn(&conv, &bn)?)
         })
     }
 
@@ -216,13 +238,8 @@ impl ConvBn {
 }
 
 /// conv(x; W)·s + t = conv(x; W·s) + t with s = γ/√(σ² + ε), t = β − μ·s; computed in f64.
-fn fold_bn(
-    conv: &FrozenConv2d,
-    bn: &BatchNorm,
-    padding: usize,
-    stride: usize,
-) -> Result<FrozenConv2d> {
-    let dtype = conv.weight().dtype();
+fn fold_bn(conv: &Conv, bn: &BatchNorm) -> Result<Conv> {
+    let dtype = conv.weight.dtype();
     let f64_of = |t: &Tensor| t.to_dtype(DType::F64);
     let (mean, var) = (f64_of(bn.running_mean())?, f64_of(bn.running_var())?);
     let inv_std = (var + bn.eps())?.sqrt()?.recip()?;
@@ -234,14 +251,15 @@ fn fold_bn(
         }
         None => (inv_std.clone(), (mean.neg()? * inv_std)?),
     };
-    let weight = f64_of(conv.weight())?.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+    let weight = f64_of(&conv.weight)?.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
     // Detached: candle keeps BN statistics in Vars, which would make the folded weights look
-    // trainable and send the conv down candle's slow backward.
-    let (weight, shift) = (
-        weight.to_dtype(dtype)?.detach(),
-        shift.to_dtype(dtype)?.detach(),
-    );
-    FrozenConv2d::new(weight, Some(shift), padding, stride)
+    // tracked and cost a weight gradient in every backward pass.
+    Ok(Conv {
+        weight: weight.to_dtype(dtype)?.detach(),
+        bias: Some(shift.to_dtype(dtype)?.detach()),
+        stride: conv.stride,
+        padding: conv.padding,
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -274,8 +292,8 @@ impl Block {
         };
         let downsample = if stride != 1 || cin != cout {
             let ds = vb.pp("downsample");
-            let c = conv(ds.pp("0"), cin, cout, 1, stride, 0)?;
-            Some(ConvBn::assemble(c, bn(ds.pp("1"), cout, eps)?, 0, stride)?)
+            let c = Conv::load(ds.pp("0"), (cin, cout), 1, stride, 0)?;
+            Some(ConvBn::assemble(c, bn(ds.pp("1"), cout, eps)?)?)
         } else {
             None
         };

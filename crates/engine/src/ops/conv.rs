@@ -1,254 +1,490 @@
-//! 2-D convolution with constant weights whose backward pass computes only the input gradient.
-//!
-//! candle 0.11.1's conv backward always computes the kernel gradient too (wasted when the
-//! weights are constants, as in every gradient DiffGuard takes), computes the input gradient with
-//! a direct-loop CPU `conv_transpose2d` (no gemm; slowest on the many-channel 1×1 convs that make
-//! up most of a ResNet-50), and derives the output padding from the height alone, so non-square
-//! inputs with different remainders modulo the stride fail. [`FrozenConv2d`] wraps the forward
-//! conv in a custom op whose backward is the transposed convolution split into its s×s polyphase
-//! components: for each output phase, one stride-1 gemm conv of the padded output gradient with
-//! the matching flipped sub-kernel (no multiplications by inserted zeros), the phases then
-//! interleaved. (Dilating the gradient with zeros instead costs s² times more; for a ResNet
-//! stem at 224×224 that was 13 s of CPU for a batch of 8.)
-//!
-//! The custom op is used only where it pays and is safe: CPU tensors, a tracked input and weights
-//! that are not `Var`s (training needs the kernel gradient and takes candle's own conv).
+//! Fast 2-D convolution (NCHW, groups 1) for the CPU: im2col + the `gemm` crate, with a backward
+//! that computes only the gradients somebody tracks (input grad as col2im of Wᵀ·dY, weight grad as
+//! dY·colsᵀ), both through gemm. candle's own CPU conv is ~6× slower forward and its backward
+//! uses a direct-loop `conv_transpose2d` (candle-notes §3–§4). On other devices (CUDA) and dtypes
+//! [`conv2d`] calls candle's conv, so GPUs keep candle's/cuDNN kernels.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
+use super::dense::{
+    Mat, Parallelism, Real, by_dtype as dispatch, contiguous, fast_path, for_each_item, gemm,
+    num_threads, with_scratch,
+};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
 
-use crate::Result;
-
-/// A conv2d (groups 1, dilation 1) with fixed weights and an optional bias.
-#[derive(Debug, Clone)]
-pub struct FrozenConv2d {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    padding: usize,
+/// `x (B,Cin,H,W) ⊛ w (Cout,Cin,kh,kw) + b (Cout)` with symmetric zero padding `pad`.
+/// Differentiable in all three arguments; drop-in for `x.conv2d(w, pad, stride, 1, 1)` + bias.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
     stride: usize,
-    /// Per phase (φh·stride + φw): the (C_in, C_out, Mh, Mw) flipped sub-kernel of the input
-    /// gradient, None where the phase receives no kernel tap.
-    phase_kernels: Vec<Option<Tensor>>,
-}
-
-/// One axis of the polyphase split: which kernel taps feed input positions i ≡ φ (mod s).
-#[derive(Debug, Clone, Copy)]
-struct AxisPhase {
-    /// Number of taps M and the first output-gradient window index q_min.
-    taps: usize,
-    q_min: usize,
-    /// Input positions in this phase.
-    count: usize,
-}
-
-impl AxisPhase {
-    fn new(phi: usize, len: usize, k: usize, s: usize, p: usize) -> Self {
-        let r = (phi + p) % s;
-        Self {
-            taps: if r >= k { 0 } else { (k - r).div_ceil(s) },
-            q_min: (phi + p) / s,
-            count: if phi < len {
-                (len - phi).div_ceil(s)
-            } else {
-                0
-            },
-        }
+    pad: usize,
+) -> Result<Tensor> {
+    if stride == 0 {
+        bail!("conv2d: stride must be at least 1")
     }
-
-    /// Kernel indices of the taps, flipped: tap j multiplies dy[q − M + 1 + j].
-    fn kernel_indices(phi: usize, k: usize, s: usize, p: usize) -> Vec<u32> {
-        let r = (phi + p) % s;
-        let m = Self::new(phi, 1, k, s, p).taps;
-        (0..m).map(|j| ((m - 1 - j) * s + r) as u32).collect()
+    if !fast_path(x) {
+        let y = x.conv2d(w, pad, stride, 1, 1)?;
+        return match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let op = Conv2d { stride, pad };
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
     }
 }
 
-impl FrozenConv2d {
-    pub fn new(
-        weight: Tensor,
-        bias: Option<Tensor>,
-        padding: usize,
-        stride: usize,
-    ) -> Result<Self> {
-        let (_, _, kh, kw) = weight.dims4()?;
-        if stride == 0 {
-            return Err(crate::EngineError::InvalidInput(
-                "conv stride must be ≥ 1".into(),
-            ));
+/// Shapes of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geom {
+    batch: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[batch, cin, h, wi], &[cout, cin_w, kh, kw]) = (x, w) else {
+            bail!("conv2d: expected 4-D input and weight, got {x:?} and {w:?}")
+        };
+        if cin != cin_w {
+            bail!("conv2d: input has {cin} channels, weight expects {cin_w} (groups must be 1)")
         }
-        let transposed = weight.detach().transpose(0, 1)?.contiguous()?;
-        let mut phase_kernels = Vec::with_capacity(stride * stride);
-        for phi_h in 0..stride {
-            for phi_w in 0..stride {
-                let ih = AxisPhase::kernel_indices(phi_h, kh, stride, padding);
-                let iw = AxisPhase::kernel_indices(phi_w, kw, stride, padding);
-                phase_kernels.push(if ih.is_empty() || iw.is_empty() {
-                    None
-                } else {
-                    let sel = |v: Vec<u32>| Tensor::from_vec(v.clone(), v.len(), weight.device());
-                    let k = transposed
-                        .index_select(&sel(ih)?, 2)?
-                        .index_select(&sel(iw)?, 3)?;
-                    Some(k.contiguous()?)
-                });
-            }
+        if h + 2 * pad < kh || wi + 2 * pad < kw || kh == 0 || kw == 0 {
+            bail!("conv2d: kernel {kh}x{kw} larger than padded input {h}x{wi} (pad {pad})")
         }
         Ok(Self {
-            weight,
-            bias,
-            padding,
+            batch,
+            cin,
+            h,
+            w: wi,
+            cout,
+            kh,
+            kw,
             stride,
-            phase_kernels,
+            pad,
+            ho: (h + 2 * pad - kh) / stride + 1,
+            wo: (wi + 2 * pad - kw) / stride + 1,
         })
     }
-
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// Rows of the im2col matrix (= columns of the flattened weight).
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
     }
-
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let custom = x.device().is_cpu()
-            && x.track_op()
-            && !self.weight.track_op()
-            && matches!(x.dtype(), DType::F32 | DType::F64);
-        if custom {
-            // The bias is added inside the op: a broadcast add outside would make candle
-            // reduce a bias gradient nobody needs.
-            return Ok(x.contiguous()?.apply_op1(self.clone())?);
-        }
-        let y = plain_conv(x, &self.weight, self.padding, self.stride)?;
-        Ok(add_bias(y, self.bias.as_ref())?)
+    /// Output pixels per image.
+    fn n(&self) -> usize {
+        self.ho * self.wo
     }
-
-    /// ∂L/∂x from ∂L/∂y for an input of spatial size `hw`: the s×s phases of the input,
-    /// interleaved (position (a·s + φh, b·s + φw) comes from phase (φh, φw) at (a, b)).
-    fn input_grad(&self, grad_y: &Tensor, hw: (usize, usize)) -> candle_core::Result<Tensor> {
+    fn in_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    fn out_len(&self) -> usize {
+        self.cout * self.n()
+    }
+    /// A 1×1 stride-1 unpadded conv is a plain matmul on the image itself: no im2col needed.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Output indices `o` in `lo..hi` whose input index `o*stride + k - pad` lies in `0..len`.
+    fn valid(&self, k: usize, len: usize, out_len: usize) -> (usize, usize) {
         let s = self.stride;
-        let (n, _, _, _) = grad_y.dims4()?;
-        let cin = self.weight.dim(1)?;
-        if s == 1 {
-            return self.phase_grad(grad_y, (0, 0), hw);
-        }
-        let (ch, cw) = (hw.0.div_ceil(s), hw.1.div_ceil(s));
-        let mut rows = Vec::with_capacity(s);
-        for phi_h in 0..s {
-            let mut cols = Vec::with_capacity(s);
-            for phi_w in 0..s {
-                let g = self.phase_grad(grad_y, (phi_h, phi_w), hw)?;
-                let (_, _, gh, gw) = g.dims4()?;
-                cols.push(
-                    g.pad_with_zeros(2, 0, ch - gh)?
-                        .pad_with_zeros(3, 0, cw - gw)?,
-                );
-            }
-            rows.push(Tensor::stack(&cols, 4)?.reshape((n, cin, ch, cw * s))?);
-        }
-        let full = Tensor::stack(&rows, 3)?.reshape((n, cin, ch * s, cw * s))?;
-        full.narrow(2, 0, hw.0)?.narrow(3, 0, hw.1)
-    }
-
-    /// The input gradient at positions ≡ (φh, φw) (mod stride), (N, C_in, count_h, count_w).
-    fn phase_grad(
-        &self,
-        grad_y: &Tensor,
-        phi: (usize, usize),
-        hw: (usize, usize),
-    ) -> candle_core::Result<Tensor> {
-        let (s, p) = (self.stride, self.padding);
-        let (n, _, ho, wo) = grad_y.dims4()?;
-        let (_, cin, kh, kw) = self.weight.dims4()?;
-        let ah = AxisPhase::new(phi.0, hw.0, kh, s, p);
-        let aw = AxisPhase::new(phi.1, hw.1, kw, s, p);
-        let kernel = match &self.phase_kernels[phi.0 * s + phi.1] {
-            Some(k) if ah.count > 0 && aw.count > 0 => k,
-            _ => {
-                return Tensor::zeros(
-                    (n, cin, ah.count, aw.count),
-                    grad_y.dtype(),
-                    grad_y.device(),
-                );
-            }
+        let lo = self.pad.saturating_sub(k).div_ceil(s);
+        let hi = if len + self.pad > k {
+            ((len - 1 + self.pad - k) / s + 1).min(out_len)
+        } else {
+            0
         };
-        // Window q covers dy[q − M + 1 ..= q]: pad M − 1 in front, and behind as far as the last
-        // window of this phase reaches past the end of dy.
-        let back = |a: &AxisPhase, len: usize| (a.q_min + a.count).saturating_sub(len);
-        let padded = grad_y
-            .pad_with_zeros(2, ah.taps - 1, back(&ah, ho))?
-            .pad_with_zeros(3, aw.taps - 1, back(&aw, wo))?;
-        let g = padded.conv2d(kernel, 0, 1, 1, 1)?;
-        g.narrow(2, ah.q_min, ah.count)?
-            .narrow(3, aw.q_min, aw.count)
+        (lo.min(hi), hi)
     }
 }
 
-fn add_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-        None => Ok(y),
+/// Visits every (im2col row segment, input row segment) pair of one channel: for kernel tap
+/// (ky, kx) and output row oy, calls `f(col_row, input_row, ox_lo, ox_hi, ix_lo)` where
+/// `col_row` indexes the `wo`-long segment of the column matrix and `input_row` the `w`-long input
+/// row (None when the tap falls into the padding). Shared by im2col and its adjoint col2im so the
+/// index arithmetic exists once.
+fn for_each_tap(g: &Geom, mut f: impl FnMut(usize, Option<usize>, usize, usize, usize)) {
+    let (ky_n, kx_n) = (g.kh, g.kw);
+    for ky in 0..ky_n {
+        let (oy_lo, oy_hi) = g.valid(ky, g.h, g.ho);
+        for kx in 0..kx_n {
+            let row = (ky * kx_n + kx) * g.n();
+            let (ox_lo, ox_hi) = g.valid(kx, g.w, g.wo);
+            let ix_lo = (ox_lo * g.stride + kx).saturating_sub(g.pad);
+            for oy in 0..g.ho {
+                let input = (oy_lo..oy_hi)
+                    .contains(&oy)
+                    .then(|| (oy * g.stride + ky - g.pad) * g.w);
+                f(row + oy * g.wo, input, ox_lo, ox_hi, ix_lo);
+            }
+        }
     }
 }
 
-/// candle's conv, except that a strided conv whose H and W leave different remainders modulo the
-/// stride runs at stride 1 and is subsampled, because candle's backward fails on it (it takes the
-/// output padding of both axes from the height).
-pub fn plain_conv(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let (_, _, kh, kw) = weight.dims4()?;
-    let p = padding;
-    let fits = h + 2 * p >= kh && w + 2 * p >= kw;
-    if stride == 1 || !fits || (h + 2 * p - kh) % stride == (w + 2 * p - kw) % stride {
-        return Ok(x.conv2d(weight, p, stride, 1, 1)?);
+/// Runs `f(ci, rows_of_ci)` over the per-channel blocks of a column matrix, in parallel when the
+/// caller is not already one task per thread.
+fn per_channel<T: Send>(
+    data: &mut [T],
+    block: usize,
+    par: Parallelism,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if block == 0 {
+        return;
     }
-    let full = x.conv2d(weight, p, 1, 1, 1)?;
-    let every = |len: usize| {
-        let idx: Vec<u32> = (0..len).step_by(stride).map(|i| i as u32).collect();
-        Tensor::new(idx.as_slice(), x.device())
-    };
-    let full = full.index_select(&every(full.dim(2)?)?, 2)?;
-    Ok(full.index_select(&every(full.dim(3)?)?, 3)?)
-}
-
-fn tensor_from_cpu(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("frozen conv expects a contiguous input")
-    };
-    let shape = layout.shape().clone();
-    match storage {
-        CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], shape, &candle_core::Device::Cpu),
-        CpuStorage::F64(v) => Tensor::from_slice(&v[start..end], shape, &candle_core::Device::Cpu),
-        _ => candle_core::bail!("frozen conv: only f32 and f64 inputs"),
+    match par {
+        Parallelism::None => data
+            .chunks_mut(block)
+            .enumerate()
+            .for_each(|(c, d)| f(c, d)),
+        _ => data
+            .par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(c, d)| f(c, d)),
     }
 }
 
-impl CustomOp1 for FrozenConv2d {
+/// Unfolds one image `x (Cin,H,W)` into `cols (Cin·kh·kw, Ho·Wo)`.
+fn im2col<T: Real>(g: &Geom, x: &[T], cols: &mut [T], par: Parallelism) {
+    let zero = T::from_f64(0.0);
+    let s = g.stride;
+    per_channel(cols, g.kh * g.kw * g.n(), par, |ci, cols| {
+        for_each_tap(g, |at, input, lo, hi, ix| {
+            let d = &mut cols[at..at + g.wo];
+            let Some(start) = input else {
+                d.fill(zero);
+                return;
+            };
+            let src = &x[ci * g.h * g.w + start..][..g.w];
+            d[..lo].fill(zero);
+            d[hi..].fill(zero);
+            if s == 1 {
+                d[lo..hi].copy_from_slice(&src[ix..ix + (hi - lo)]);
+            } else {
+                for (v, &x) in d[lo..hi].iter_mut().zip(src[ix..].iter().step_by(s)) {
+                    *v = x;
+                }
+            }
+        })
+    });
+}
+
+/// The adjoint of [`im2col`]: scatter-adds `cols` back into the image gradient `dx (Cin,H,W)`.
+fn col2im<T: Real>(g: &Geom, cols: &[T], dx: &mut [T], par: Parallelism) {
+    let s = g.stride;
+    let block = g.kh * g.kw * g.n();
+    per_channel(dx, g.h * g.w, par, |ci, dx| {
+        dx.fill(T::from_f64(0.0));
+        let cols = &cols[ci * block..(ci + 1) * block];
+        for_each_tap(g, |at, input, lo, hi, ix| {
+            let Some(start) = input else { return };
+            let src = &cols[at + lo..at + hi];
+            let dst = &mut dx[start..start + g.w];
+            if s == 1 {
+                for (d, &v) in dst[ix..ix + src.len()].iter_mut().zip(src) {
+                    *d += v;
+                }
+            } else {
+                for (d, &v) in dst[ix..].iter_mut().step_by(s).zip(src) {
+                    *d += v;
+                }
+            }
+        })
+    });
+}
+
+/// The column matrix of image `x` as a gemm operand: the image itself for pointwise convs,
+/// otherwise im2col into scratch.
+fn with_cols<T: Real, R>(
+    g: &Geom,
+    x: &[T],
+    par: Parallelism,
+    f: impl FnOnce(Mat<'_, T>) -> Result<R>,
+) -> Result<R> {
+    if g.pointwise() {
+        return f(Mat::rows(x, g.n()));
+    }
+    with_scratch(g.k() * g.n(), |cols| {
+        im2col(g, x, cols, par);
+        f(Mat::rows(cols, g.n()))
+    })
+}
+
+fn forward<T: Real>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) -> Result<Vec<T>> {
+    let mut out = vec![T::from_f64(0.0); g.batch * g.out_len()];
+    for_each_item(&mut out, g.batch, |i, y, par| {
+        if let Some(bias) = bias {
+            for (row, &b) in y.chunks_mut(g.n()).zip(bias) {
+                row.fill(b);
+            }
+        }
+        let x = &x[i * g.in_len()..(i + 1) * g.in_len()];
+        with_cols(g, x, par, |cols| {
+            let wm = Mat::rows(w, g.k());
+            gemm((g.cout, g.n(), g.k()), y, wm, cols, bias.is_some(), par)
+        })
+    })?;
+    Ok(out)
+}
+
+/// dx = col2im(Wᵀ · dY), per image.
+fn input_grad<T: Real>(g: &Geom, dy: &[T], w: &[T]) -> Result<Vec<T>> {
+    let mut dx = vec![T::from_f64(0.0); g.batch * g.in_len()];
+    let wt = Mat::rows(w, g.k()).t();
+    for_each_item(&mut dx, g.batch, |i, dx, par| {
+        let dy = Mat::rows(&dy[i * g.out_len()..(i + 1) * g.out_len()], g.n());
+        if g.pointwise() {
+            return gemm((g.cin, g.n(), g.cout), dx, wt, dy, false, par);
+        }
+        with_scratch(g.k() * g.n(), |cols: &mut [T]| {
+            gemm((g.k(), g.n(), g.cout), cols, wt, dy, false, par)?;
+            col2im(g, cols, dx, par);
+            Ok(())
+        })
+    })?;
+    Ok(dx)
+}
+
+/// dW = Σ_b dY_b · cols_bᵀ. Each thread sums its share of the batch into its own buffer; the
+/// partial sums are added at the end (one gemm per image either way).
+fn weight_grad<T: Real>(g: &Geom, x: &[T], dy: &[T]) -> Result<Vec<T>> {
+    let wlen = g.cout * g.k();
+    let parts = num_threads().min(g.batch).max(1);
+    let mut partial = vec![T::from_f64(0.0); parts * wlen];
+    for_each_item(&mut partial, parts, |p, dw, par| {
+        for (step, i) in (p..g.batch).step_by(parts).enumerate() {
+            let x = &x[i * g.in_len()..(i + 1) * g.in_len()];
+            let dy = Mat::rows(&dy[i * g.out_len()..(i + 1) * g.out_len()], g.n());
+            with_cols(g, x, par, |cols| {
+                gemm((g.cout, g.k(), g.n()), dw, dy, cols.t(), step > 0, par)
+            })?;
+        }
+        Ok(())
+    })?;
+    let (first, rest) = partial.split_at_mut(wlen);
+    for part in rest.chunks(wlen) {
+        for (a, b) in first.iter_mut().zip(part) {
+            *a += *b;
+        }
+    }
+    partial.truncate(wlen);
+    Ok(partial)
+}
+
+/// The forward op, on `(x, w)` or `(x, w, bias)`.
+#[derive(Clone, Copy)]
+struct Conv2d {
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv2d {
+    fn fwd(
+        &self,
+        (sx, lx): (&CpuStorage, &Layout),
+        (sw, lw): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(lx.dims(), lw.dims(), self.stride, self.pad)?;
+        if let Some((_, lb)) = bias
+            && lb.dims() != [g.cout]
+        {
+            bail!("conv2d: bias shape {:?}, expected [{}]", lb.dims(), g.cout)
+        }
+        fn run<T: Real>(
+            g: &Geom,
+            sx: (&CpuStorage, &Layout),
+            sw: (&CpuStorage, &Layout),
+            b: Option<(&CpuStorage, &Layout)>,
+        ) -> Result<Vec<T>> {
+            let bias = b.map(|(s, l)| contiguous::<T>(s, l)).transpose()?;
+            forward(g, contiguous(sx.0, sx.1)?, contiguous(sw.0, sw.1)?, bias)
+        }
+        let shape = Shape::from((g.batch, g.cout, g.ho, g.wo));
+        dispatch(
+            sx,
+            shape,
+            || run::<f32>(&g, (sx, lx), (sw, lw), bias),
+            || run::<f64>(&g, (sx, lx), (sw, lw), bias),
+        )
+    }
+
+    /// Gradients of x and w, each only when it is tracked (frozen weights cost nothing).
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (_, _, h, wi) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let dx = if x.track_op() {
+            Some(dy.apply_op2_no_bwd(
+                w,
+                &InputGrad {
+                    op: *self,
+                    h,
+                    w: wi,
+                },
+            )?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&dy, &WeightGrad { op: *self, kh, kw })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
-        "frozen-conv2d"
+        "fast-conv2d"
     }
-
     fn cpu_fwd(
         &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        // The input is copied into a fresh, untracked tensor so candle's own (gemm) conv runs.
-        let x = tensor_from_cpu(storage, layout)?;
-        let y = x.conv2d(&self.weight.detach(), self.padding, self.stride, 1, 1)?;
-        let y = add_bias(y, self.bias.as_ref().map(Tensor::detach).as_ref())?.contiguous()?;
-        let (st, l) = y.storage_and_layout();
-        match (&*st, l.contiguous_offsets()) {
-            (Storage::Cpu(c), Some((0, end))) if end == l.shape().elem_count() => {
-                Ok((c.clone(), l.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen conv: unexpected output storage"),
-        }
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
     }
-
     fn bwd(
         &self,
-        arg: &Tensor,
+        x: &Tensor,
+        w: &Tensor,
         _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let (_, _, h, w) = arg.dims4()?;
-        Ok(Some(self.input_grad(grad_res, (h, w))?))
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        self.grads(x, w, dy)
+    }
+}
+
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "fast-conv2d-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, dy)?;
+        let db = if b.track_op() {
+            Some(dy.sum((0, 2, 3))?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// `(dY, w) -> dx`; the input size is not recoverable from dY when stride > 1, so it is carried.
+struct InputGrad {
+    op: Conv2d,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "fast-conv2d-input-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        sdy: &CpuStorage,
+        ldy: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let &[batch, _, ho, wo] = ldy.dims() else {
+            bail!("conv2d input grad: dY must be 4-D, got {:?}", ldy.dims())
+        };
+        let wd = lw.dims();
+        let x_dims = [batch, wd.get(1).copied().unwrap_or(0), self.h, self.w];
+        let g = Geom::new(&x_dims, wd, self.op.stride, self.op.pad)?;
+        if (g.ho, g.wo, g.cout) != (ho, wo, ldy.dims()[1]) {
+            bail!(
+                "conv2d input grad: dY {:?} does not match {g:?}",
+                ldy.dims()
+            )
+        }
+        let shape = Shape::from(x_dims.to_vec());
+        dispatch(
+            sdy,
+            shape,
+            || input_grad::<f32>(&g, contiguous(sdy, ldy)?, contiguous(sw, lw)?),
+            || input_grad::<f64>(&g, contiguous(sdy, ldy)?, contiguous(sw, lw)?),
+        )
+    }
+}
+
+/// `(x, dY) -> dW`.
+struct WeightGrad {
+    op: Conv2d,
+    kh: usize,
+    kw: usize,
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "fast-conv2d-weight-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sdy: &CpuStorage,
+        ldy: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let &[_, cout, ho, wo] = ldy.dims() else {
+            bail!("conv2d weight grad: dY must be 4-D, got {:?}", ldy.dims())
+        };
+        let cin = lx.dims().get(1).copied().unwrap_or(0);
+        let w_dims = [cout, cin, self.kh, self.kw];
+        let g = Geom::new(lx.dims(), &w_dims, self.op.stride, self.op.pad)?;
+        if (g.ho, g.wo) != (ho, wo) {
+            bail!(
+                "conv2d weight grad: dY {:?} does not match {g:?}",
+                ldy.dims()
+            )
+        }
+        let shape = Shape::from(w_dims.to_vec());
+        dispatch(
+            sx,
+            shape,
+            || weight_grad::<f32>(&g, contiguous(sx, lx)?, contiguous(sdy, ldy)?),
+            || weight_grad::<f64>(&g, contiguous(sx, lx)?, contiguous(sdy, ldy)?),
+        )
     }
 }

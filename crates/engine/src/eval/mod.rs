@@ -1,0 +1,24 @@
+//! OOD evaluation: metrics, baseline detectors, threshold calibration and the combination of
+//! DiffGuard with a baseline.
+//!
+//! Convention everywhere in this module: a score is **higher = more in-distribution** (InD), the
+//! engine's similarity convention; the guard negates it into an OOD score at its edge.
+//!
+//! - [`metrics`]: AUROC, FPR@95, AUPR-In/Out in f64 with tie-aware ranking (spec §8.3).
+//! - [`baselines`]: MSP, energy, max-logit, KNN on penultimate features, ViM (OpenOOD's
+//!   formulations) from classifier outputs.
+//! - [`calibrate`]: global and per-class thresholds at a target false-reject rate, and the
+//!   fingerprinted thresholds file the proxy loads.
+//! - [`combine`]: the deployable cascade and the paper's threshold-envelope oracle (spec §8.4).
+
+pub mod baselines;
+pub mod calibrate;
+pub mod combine;
+pub mod metrics;
+
+pub use baselines::{Knn, Vim, energy, max_logit, msp};
+pub use calibrate::{
+    ClassThreshold, Threshold, ThresholdsFile, calibrate, threshold_at_false_reject_rate,
+};
+pub use combine::{Cascade, Envelope, threshold_envelope};
+pub use metrics::{OodMetrics, Roc, aupr, auroc, fpr_at_tpr, ood_metrics, roc_curve};

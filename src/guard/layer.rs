@@ -1,0 +1,535 @@
+//! [`DiffGuardLayer`]: the guard as a tower layer. Around the reverse proxy's forwarding service it
+//! is the product; around a Rust service's own classifier route it guards that route in-process.
+//!
+//! Per request: strip client `diffguard-*` headers → buffer the body (limit) → extract and decode
+//! the image(s) (pixel limit) → call the inner service → read the label(s) from its JSON answer →
+//! cache / single-flight scoring → wait within the budget → apply the policy → annotate.
+//!
+//! ```no_run
+//! # async fn demo(cfg: diffguard::config::Config, route: diffguard::config::RouteConfig) {
+//! use axum::{Router, routing::post};
+//! use diffguard::guard::{DiffGuardLayer, Guard, RouteGuard, build_detector};
+//! let guard = Guard::new(&cfg, build_detector(&cfg.detector).unwrap()).unwrap();
+//! let layer = DiffGuardLayer::new(guard, RouteGuard::from_config(&route, cfg.detector.num_classes));
+//! let app: Router = Router::new().route("/classify", post(|| async { "{\"label\": 3}" }).layer(layer));
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
+use tower::{Layer, Service, ServiceExt};
+use tracing::{Instrument, field::Empty};
+
+use super::registry::{InstanceSlot, RequestRecord};
+use super::verdict::{Outcome, Verdict, VerdictReport};
+use super::{Guard, Image, decode, policy};
+use crate::config::{
+    PolicyConfig, PolicyMode, RequestAdapterConfig, ResponseAdapterConfig, RouteConfig,
+};
+use crate::error::GuardError;
+use crate::proxy::request::extract_images;
+use crate::proxy::response::{LabelMap, extract_predictions};
+use crate::telemetry::{self, metric};
+
+/// Route-specific guard settings.
+#[derive(Debug, Clone)]
+pub struct RouteGuard {
+    /// Route name (metrics, spans, verdicts).
+    pub name: String,
+    /// Low-cardinality span name, e.g. the route prefix.
+    pub span_name: String,
+    /// Where the image is.
+    pub request: RequestAdapterConfig,
+    /// Where the label is.
+    pub response: ResponseAdapterConfig,
+    /// What to do with the verdict.
+    pub policy: PolicyConfig,
+    /// Upstream class → detector label.
+    pub labels: LabelMap,
+    /// Add a `"diffguard"` object to JSON bodies.
+    pub inject_body: bool,
+}
+
+impl RouteGuard {
+    /// From a configured route.
+    pub fn from_config(r: &RouteConfig, num_classes: u32) -> Self {
+        Self {
+            name: r.name.clone(),
+            span_name: r.prefix.clone(),
+            request: r.request.clone(),
+            response: r.response.clone(),
+            policy: r.policy,
+            labels: LabelMap::new(r.labels.clone(), &r.label_ids, num_classes),
+            inject_body: r.inject_body,
+        }
+    }
+}
+
+/// Tower layer putting the guard around a service whose answers carry the predicted label.
+#[derive(Clone)]
+pub struct DiffGuardLayer {
+    guard: Arc<Guard>,
+    route: Arc<RouteGuard>,
+}
+
+impl DiffGuardLayer {
+    /// Guards one route with shared guard state.
+    pub fn new(guard: Arc<Guard>, route: RouteGuard) -> Self {
+        Self {
+            guard,
+            route: Arc::new(route),
+        }
+    }
+}
+
+impl<S> Layer<S> for DiffGuardLayer {
+    type Service = DiffGuardService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        DiffGuardService {
+            guard: self.guard.clone(),
+            route: self.route.clone(),
+            inner,
+        }
+    }
+}
+
+/// The service made by [`DiffGuardLayer`].
+#[derive(Clone)]
+pub struct DiffGuardService<S> {
+    guard: Arc<Guard>,
+    route: Arc<RouteGuard>,
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for DiffGuardService<S>
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness is checked on the clone that serves the call (below).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let (guard, route, inner) = (self.guard.clone(), self.route.clone(), self.inner.clone());
+        Box::pin(async move { Ok(handle(guard, route, inner, req).await) })
+    }
+}
+
+const H_VERDICT: &str = "diffguard-verdict";
+const H_SCORE: &str = "diffguard-score";
+const H_THRESHOLD: &str = "diffguard-threshold";
+const H_LABEL: &str = "diffguard-label";
+const H_ID: &str = "diffguard-id";
+const H_CACHE: &str = "diffguard-cache";
+
+/// Removes every `diffguard-*` header (clients and upstreams must not forge verdicts).
+pub fn strip_guard_headers(headers: &mut HeaderMap) {
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("diffguard-"))
+        .cloned()
+        .collect();
+    for k in forged {
+        headers.remove(k);
+    }
+}
+
+async fn handle<S>(
+    guard: Arc<Guard>,
+    route: Arc<RouteGuard>,
+    inner: S,
+    mut req: Request<Body>,
+) -> Response
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        "diffguard.request",
+        otel.name = %format!("{} {}", req.method(), route.span_name),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.uri().path(),
+        http.response.status_code = Empty,
+        diffguard.route = %route.name,
+        diffguard.mode = ?route.policy.mode,
+        diffguard.detector = %guard.fingerprint(),
+        diffguard.verdict = Empty,
+        diffguard.label = Empty,
+        diffguard.score = Empty,
+        diffguard.threshold = Empty,
+        diffguard.cache_hit = Empty,
+        diffguard.id = Empty,
+        error.type = Empty,
+    );
+    telemetry::extract_parent(&span, req.headers());
+    strip_guard_headers(req.headers_mut());
+    let mut upstream_time = Duration::ZERO;
+    let resp = run(&guard, &route, inner, req, &mut upstream_time)
+        .instrument(span.clone())
+        .await;
+    let resp = resp.unwrap_or_else(|e| {
+        span.record("error.type", e.tag());
+        e.into_response()
+    });
+    span.record("http.response.status_code", resp.status().as_u16());
+    let total = started.elapsed();
+    metrics::counter!(metric::REQUESTS, "route" => route.name.clone(), "status" => resp.status().as_u16().to_string()).increment(1);
+    metrics::histogram!(metric::UPSTREAM_SECONDS, "route" => route.name.clone())
+        .record(upstream_time.as_secs_f64());
+    metrics::histogram!(metric::ADDED_SECONDS, "route" => route.name.clone())
+        .record(total.saturating_sub(upstream_time).as_secs_f64());
+    resp
+}
+
+async fn call_inner<S>(inner: S, req: Request<Body>, upstream_time: &mut Duration) -> Response
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible>,
+{
+    let t = Instant::now();
+    let resp = match inner.oneshot(req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    *upstream_time = t.elapsed();
+    resp
+}
+
+/// Decoded images with their content hash, in request order.
+type Decoded = Vec<(Arc<Image>, blake3::Hash)>;
+
+async fn read_images(
+    guard: &Guard,
+    route: &RouteGuard,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Decoded, GuardError> {
+    let encoded = extract_images(&route.request, headers, body)
+        .map_err(|e| GuardError::BadRequest(e.to_string()))?;
+    let max_pixels = guard.max_pixels();
+    let decoded = tokio::task::spawn_blocking(move || {
+        encoded
+            .iter()
+            .map(|b| decode::decode(b, max_pixels).map(|img| (Arc::new(img), blake3::hash(b))))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| GuardError::BadRequest(format!("decoder stopped: {e}")))?;
+    Ok(decoded?)
+}
+
+async fn buffer(body: Body, limit: usize) -> Result<Bytes, GuardError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            GuardError::BodyTooLarge { limit }
+        } else {
+            GuardError::BadRequest(format!("reading body: {e}"))
+        }
+    })
+}
+
+async fn run<S>(
+    guard: &Arc<Guard>,
+    route: &RouteGuard,
+    inner: S,
+    req: Request<Body>,
+    upstream_time: &mut Duration,
+) -> Result<Response, GuardError>
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible>,
+{
+    if route.policy.mode == PolicyMode::Off {
+        return Ok(call_inner(inner, req, upstream_time).await);
+    }
+    let limit = guard.max_body_bytes();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(GuardError::BodyTooLarge { limit });
+    }
+    let (parts, body) = req.into_parts();
+    let body = buffer(body, limit).await?;
+    let images = match read_images(guard, route, &parts.headers, &body).await {
+        Ok(i) => i,
+        // Shadow never changes what the client sees, bad input included.
+        Err(e) if route.policy.mode == PolicyMode::Shadow => {
+            tracing::info!(error = %e, "shadow: request not scorable; forwarded unchanged");
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    let resp = call_inner(
+        inner,
+        Request::from_parts(parts, Body::from(body)),
+        upstream_time,
+    )
+    .await;
+    if images.is_empty() || !resp.status().is_success() {
+        // Upstream errors pass through untouched; there is no prediction to vouch for.
+        return Ok(resp);
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_guard_headers(&mut parts.headers);
+    let body = buffer(body, limit)
+        .await
+        .map_err(|e| GuardError::UpstreamUnreadable(e.to_string()))?;
+    let record = score(guard, route, &images, &body).await;
+    let record = Arc::new(record);
+    guard.registry().insert(record.clone()).await;
+    tracing::Span::current().record("diffguard.id", record.id.as_str());
+
+    if policy::waits(route.policy.mode) {
+        let budget = Duration::from_millis(route.policy.wait_ms);
+        record
+            .wait(budget)
+            .instrument(tracing::info_span!(
+                "wait",
+                budget_ms = route.policy.wait_ms
+            ))
+            .await;
+    }
+    let report = record.report();
+    observe(route, &report, &record);
+    match policy::decide(&route.policy, report.verdict) {
+        policy::Decision::Reject => Err(GuardError::Rejected(Box::new(report))),
+        // Fail closed with no readable prediction: the upstream's answer is at fault, not the scorer.
+        policy::Decision::Unavailable if unreadable(&report) => {
+            Err(GuardError::UpstreamUnreadable(
+                report
+                    .instances
+                    .iter()
+                    .find_map(|i| i.reason.clone())
+                    .unwrap_or_default(),
+            ))
+        }
+        policy::Decision::Unavailable => Err(GuardError::VerdictUnavailable(Box::new(report))),
+        policy::Decision::Pass {
+            annotate: false, ..
+        } => Ok(Response::from_parts(parts, Body::from(body))),
+        policy::Decision::Pass {
+            shown,
+            annotate: true,
+        } => Ok(annotate(parts, body, &report, shown, route.inject_body)),
+    }
+}
+
+/// True when the labels could not be read from the upstream answer at all.
+fn unreadable(report: &VerdictReport) -> bool {
+    report.instances.iter().all(|i| i.label.is_none())
+}
+
+/// Reads the labels and starts (or finds) one verdict per image.
+async fn score(
+    guard: &Arc<Guard>,
+    route: &RouteGuard,
+    images: &Decoded,
+    body: &Bytes,
+) -> RequestRecord {
+    let id = uuid::Uuid::new_v4().to_string();
+    let record = |instances| RequestRecord {
+        id: id.clone(),
+        route: route.name.clone(),
+        detector: guard.fingerprint().to_string(),
+        instances,
+    };
+    let unverified_all = |reason: String| {
+        images
+            .iter()
+            .map(|_| {
+                InstanceSlot::resolved(
+                    None,
+                    None,
+                    super::CacheStatus::Miss,
+                    Outcome::Unverified {
+                        reason: reason.clone(),
+                    },
+                )
+            })
+            .collect()
+    };
+    let preds = match extract_predictions(&route.response, body) {
+        Ok(p) if p.len() == images.len() => p,
+        Ok(p) => {
+            return record(unverified_all(format!(
+                "upstream answered {} predictions for {} images",
+                p.len(),
+                images.len()
+            )));
+        }
+        Err(e) => return record(unverified_all(e.to_string())),
+    };
+    let mut instances = Vec::with_capacity(images.len());
+    for ((image, hash), pred) in images.iter().zip(preds) {
+        let slot = match route.labels.resolve(&pred.label) {
+            Ok((label, name)) => {
+                guard
+                    .verdict_for(image.clone(), hash, label, name, pred.logits)
+                    .await
+            }
+            Err(reason) => InstanceSlot::resolved(
+                None,
+                None,
+                super::CacheStatus::Miss,
+                Outcome::Unverified { reason },
+            ),
+        };
+        instances.push(slot);
+    }
+    record(instances)
+}
+
+/// Span attributes, metrics and the OOD event; late verdicts are observed when they arrive.
+fn observe(route: &RouteGuard, report: &VerdictReport, record: &Arc<RequestRecord>) {
+    let span = tracing::Span::current();
+    span.record("diffguard.verdict", report.verdict.as_str());
+    span.record(
+        "diffguard.label",
+        join(report, |i| i.label.map(|l| l.to_string())).as_str(),
+    );
+    span.record(
+        "diffguard.score",
+        join(report, |i| i.score.map(|s| s.to_string())).as_str(),
+    );
+    span.record(
+        "diffguard.threshold",
+        join(report, |i| i.threshold.map(|s| s.to_string())).as_str(),
+    );
+    span.record(
+        "diffguard.cache_hit",
+        report
+            .instances
+            .iter()
+            .all(|i| i.cache == super::CacheStatus::Hit),
+    );
+    if record.done() {
+        record_outcome(route, report);
+        return;
+    }
+    let (route, record, parent) = (route.clone(), record.clone(), span.clone());
+    tokio::spawn(async move {
+        // Bounded: the registry forgets the id after its retention anyway.
+        record.wait(Duration::from_secs(300)).await;
+        let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %route.name);
+        late.follows_from(&parent);
+        let _e = late.enter();
+        record_outcome(&route, &record.report());
+    });
+}
+
+fn record_outcome(route: &RouteGuard, report: &VerdictReport) {
+    let mode = format!("{:?}", route.policy.mode).to_lowercase();
+    for i in &report.instances {
+        let label = i
+            .label
+            .map_or_else(|| "unknown".to_string(), |l| l.to_string());
+        metrics::counter!(metric::VERDICTS, "route" => route.name.clone(), "label" => label, "verdict" => i.verdict.as_str(), "mode" => mode.clone()).increment(1);
+    }
+    if report.verdict == Verdict::Ood {
+        let ood: Vec<&super::verdict::InstanceReport> = report
+            .instances
+            .iter()
+            .filter(|i| i.verdict == Verdict::Ood)
+            .collect();
+        tracing::warn!(
+            diffguard.id = %report.id,
+            diffguard.route = %report.route,
+            diffguard.mode = %mode,
+            diffguard.label = ?ood.iter().map(|i| i.label).collect::<Vec<_>>(),
+            diffguard.score = ?ood.iter().map(|i| i.score).collect::<Vec<_>>(),
+            "diffguard.ood"
+        );
+    }
+}
+
+fn join(
+    report: &VerdictReport,
+    f: impl Fn(&super::verdict::InstanceReport) -> Option<String>,
+) -> String {
+    report
+        .instances
+        .iter()
+        .map(|i| f(i).unwrap_or_else(|| "-".into()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn annotate(
+    mut parts: http::response::Parts,
+    body: Bytes,
+    report: &VerdictReport,
+    shown: Verdict,
+    inject_body: bool,
+) -> Response {
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            parts.headers.insert(name, v);
+        }
+    };
+    set(H_VERDICT, shown.as_str().to_string());
+    set(H_ID, report.id.clone());
+    set(
+        H_CACHE,
+        report
+            .instances
+            .iter()
+            .map(|i| i.cache.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    if report.instances.iter().any(|i| i.label.is_some()) {
+        set(H_LABEL, join(report, |i| i.label.map(|l| l.to_string())));
+    }
+    if report.instances.iter().any(|i| i.score.is_some()) {
+        set(
+            H_SCORE,
+            join(report, |i| i.score.map(|s| format!("{s:.6}"))),
+        );
+        set(
+            H_THRESHOLD,
+            join(report, |i| i.threshold.map(|s| format!("{s:.6}"))),
+        );
+    }
+    let body = if inject_body {
+        inject(&mut parts.headers, body, report, shown)
+    } else {
+        body
+    };
+    Response::from_parts(parts, Body::from(body))
+}
+
+fn inject(headers: &mut HeaderMap, body: Bytes, report: &VerdictReport, shown: Verdict) -> Bytes {
+    let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_slice::<serde_json::Value>(&body)
+    else {
+        return body;
+    };
+    let mut r = serde_json::to_value(report).unwrap_or_default();
+    r["verdict"] = serde_json::Value::String(shown.as_str().into());
+    obj.insert("diffguard".into(), r);
+    match serde_json::to_vec(&obj) {
+        Ok(v) => {
+            headers.remove(header::CONTENT_LENGTH);
+            Bytes::from(v)
+        }
+        Err(_) => body,
+    }
+}

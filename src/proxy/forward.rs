@@ -1,0 +1,242 @@
+//! The forwarding service: one upstream, hyper-util's pooled client, hop-by-hop headers removed,
+//! `Host`/`X-Forwarded-*` set, `traceparent` injected, connect and response deadlines.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tracing::Instrument;
+
+use crate::error::GuardError;
+use crate::telemetry;
+
+/// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including any listed in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for h in HOP_BY_HOP
+        .iter()
+        .copied()
+        .map(HeaderName::from_static)
+        .chain(listed)
+    {
+        headers.remove(h);
+    }
+}
+
+/// Forwards requests to one upstream base URL.
+#[derive(Clone)]
+pub struct Forwarder {
+    client: Client<HttpConnector, Body>,
+    base: Uri,
+    strip_prefix: Option<String>,
+    timeout: Duration,
+}
+
+impl Forwarder {
+    /// `base` must be an `http://` URL; `strip_prefix` is removed from request paths first.
+    pub fn new(
+        base: Uri,
+        strip_prefix: Option<String>,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self {
+            client,
+            base,
+            strip_prefix,
+            timeout,
+        }
+    }
+
+    fn target(&self, uri: &Uri) -> Result<Uri, GuardError> {
+        let path = uri.path();
+        let path = match &self.strip_prefix {
+            Some(p) => path.strip_prefix(p.as_str()).unwrap_or(path),
+            None => path,
+        };
+        let base_path = self.base.path().trim_end_matches('/');
+        let sep = if path.starts_with('/') || path.is_empty() {
+            ""
+        } else {
+            "/"
+        };
+        let pq = match uri.query() {
+            Some(q) => format!("{base_path}{sep}{path}?{q}"),
+            None => format!("{base_path}{sep}{path}"),
+        };
+        let pq = if pq.is_empty() { "/".to_string() } else { pq };
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(
+            pq.parse()
+                .map_err(|e| GuardError::BadRequest(format!("path: {e}")))?,
+        );
+        Uri::from_parts(parts).map_err(|e| GuardError::BadRequest(format!("path: {e}")))
+    }
+
+    /// Sends `req` upstream and returns its response with a streaming body.
+    pub async fn forward(&self, mut req: Request<Body>) -> Result<Response, GuardError> {
+        let target = self.target(req.uri())?;
+        let client_addr = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if let Some(ip) = client_addr {
+            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip.to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                headers.insert("x-forwarded-for", v);
+            }
+        }
+        if let Some(h) = original_host {
+            headers.insert("x-forwarded-host", h);
+        }
+        if !headers.contains_key("x-forwarded-proto") {
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+        if let Some(a) = target
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(header::HOST, a);
+        }
+        *req.uri_mut() = target;
+        *req.version_mut() = http::Version::HTTP_11;
+
+        let span = tracing::info_span!("upstream", otel.kind = "client", http.request.method = %req.method(), url.full = %req.uri(), http.response.status_code = tracing::field::Empty);
+        let timeout_ms = self.timeout.as_millis() as u64;
+        let call = async {
+            telemetry::inject_current(req.headers_mut());
+            match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+                Err(_) => Err(GuardError::UpstreamTimeout(timeout_ms)),
+                Ok(Err(e)) => Err(GuardError::UpstreamUnreachable(error_chain(&e))),
+                Ok(Ok(resp)) => {
+                    tracing::Span::current()
+                        .record("http.response.status_code", resp.status().as_u16());
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, Body::new(body)))
+                }
+            }
+        };
+        call.instrument(span).await
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+impl tower::Service<Request<Body>> for Forwarder {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            Ok(this
+                .forward(req)
+                .await
+                .unwrap_or_else(IntoResponse::into_response))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("content-type", HeaderValue::from_static("image/png"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn target_joins_base_path_and_strips_prefix() {
+        let f = Forwarder::new(
+            "http://u:1/internal".parse().unwrap(),
+            Some("/api/classify".into()),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            f.target(&"/api/classify/x?y=1".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "http://u:1/internal/x?y=1"
+        );
+        let g = Forwarder::new(
+            "http://u:1".parse().unwrap(),
+            None,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            g.target(&"/predictions/m".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "http://u:1/predictions/m"
+        );
+    }
+}
