@@ -310,6 +310,15 @@ fn rejects_bad_labels_and_channels() {
     assert!(model.grad_cam(&x, &[LabelId(0), LabelId(3)]).is_err());
     let rgb = Tensor::zeros((1, 3, 8, 8), DType::F64, &Device::Cpu).unwrap();
     assert!(model.forward(&rgb).is_err());
+    // An f32 input to an f64 model is converted, and its gradient comes back in f32.
+    let x32 = Tensor::ones((1, 1, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        model
+            .log_prob_input_grad(&x32, &[LabelId(1)])
+            .unwrap()
+            .dtype(),
+        DType::F32
+    );
     let mut bad = cfg.clone();
     bad.mean = vec![0.5, 0.5];
     assert!(

@@ -399,9 +399,9 @@ impl ResNet {
                 self.config.in_channels
             )));
         }
-        let x = x01
-            .broadcast_sub(&self.mean)?
-            .broadcast_mul(&self.inv_std)?;
+        // Inputs of another dtype are converted (differentiably) rather than rejected.
+        let x = x01.to_dtype(self.mean.dtype())?;
+        let x = x.broadcast_sub(&self.mean)?.broadcast_mul(&self.inv_std)?;
         let mut h = self.stem.forward(&x, train)?.relu()?;
         if self.config.stem == Stem::ImageNet {
             h = MaxPool2d::RESNET_STEM.forward(&h)?;
