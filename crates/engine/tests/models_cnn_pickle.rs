@@ -282,6 +282,26 @@ fn unprefixed_load_names_the_other_submodels() {
 }
 
 #[test]
+fn a_pickle_without_tensors_is_a_clear_error() {
+    // What `torch.save({'epoch': 1})` (or a whole pickled module, as candle reads it) gives.
+    let mut p = Pickle::default();
+    p.op(&[0x80, 2]).op(b"}(").text("epoch").int(1).op(b"u.");
+    let bytes = zip(&[
+        ("archive/data.pkl".to_string(), p.out.clone()),
+        ("archive/version".into(), b"3\n".to_vec()),
+    ]);
+    let dir = std::env::temp_dir().join(format!("models_cnn_pickle_empty_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("empty.pth");
+    std::fs::write(&path, bytes).unwrap();
+    let err = Checkpoint::open(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("no tensors at the top level and no readable `state_dict`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn pickle_writer_self_check() {
     // The zip CRC must be the standard one, or the reader would reject the archive for a reason
     // unrelated to the loader under test.

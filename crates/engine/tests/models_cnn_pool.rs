@@ -40,6 +40,16 @@ fn reference(
     (vals, argm)
 }
 
+/// The CPU custom op and the device-independent composition must agree in everything.
+fn pool(geo: MaxPool2d, composed: bool, x: &Tensor) -> Tensor {
+    if composed {
+        geo.forward_composed(x)
+    } else {
+        geo.forward(x)
+    }
+    .unwrap()
+}
+
 fn random(len: usize, seed: u64) -> Vec<f64> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..len).map(|_| rng.random::<f64>() * 2.0 - 1.0).collect()
@@ -104,8 +114,8 @@ fn forward_works_in_f32() {
 }
 
 /// Σ out ⊙ r, whose gradient w.r.t. x routes r to each window's argmax.
-fn loss(x: &Tensor, r: &Tensor, geo: MaxPool2d) -> Tensor {
-    geo.forward(x).unwrap().mul(r).unwrap().sum_all().unwrap()
+fn loss(x: &Tensor, r: &Tensor, geo: MaxPool2d, composed: bool) -> Tensor {
+    pool(geo, composed, x).mul(r).unwrap().sum_all().unwrap()
 }
 
 #[test]
@@ -125,12 +135,12 @@ fn gradient_matches_central_finite_differences() {
         eps > 1e-12,
         "inputs too close for a finite-difference check"
     );
-    for geo in GEOMETRIES {
+    for (geo, composed) in GEOMETRIES.into_iter().flat_map(|g| [(g, false), (g, true)]) {
         let x = Var::from_vec(data.clone(), dims, &Device::Cpu).unwrap();
         let out_shape = geo.forward(x.as_tensor()).unwrap().shape().clone();
         let r =
             Tensor::from_vec(random(out_shape.elem_count(), 4), out_shape, &Device::Cpu).unwrap();
-        let grads = loss(x.as_tensor(), &r, geo).backward().unwrap();
+        let grads = loss(x.as_tensor(), &r, geo, composed).backward().unwrap();
         let auto = grads
             .get(x.as_tensor())
             .unwrap()
@@ -143,7 +153,7 @@ fn gradient_matches_central_finite_differences() {
                 let mut d = data.clone();
                 d[i] += delta;
                 let t = Tensor::from_vec(d, dims, &Device::Cpu).unwrap();
-                loss(&t, &r, geo).to_scalar::<f64>().unwrap()
+                loss(&t, &r, geo, composed).to_scalar::<f64>().unwrap()
             };
             let fd = (at(eps) - at(-eps)) / (2.0 * eps);
             // The loss is piecewise linear, so central FD is exact up to round-off of O(1e-16/eps).
@@ -164,9 +174,9 @@ fn ties_route_the_gradient_like_pytorch() {
     let mut data = vec![0.0; 30];
     data[7] = 1.0;
     data[8] = 1.0;
-    for geo in GEOMETRIES {
+    for (geo, composed) in GEOMETRIES.into_iter().flat_map(|g| [(g, false), (g, true)]) {
         let x = Var::from_vec(data.clone(), dims, &Device::Cpu).unwrap();
-        let out = geo.forward(x.as_tensor()).unwrap();
+        let out = pool(geo, composed, x.as_tensor());
         let grads = out.sum_all().unwrap().backward().unwrap();
         let got = grads
             .get(x.as_tensor())
@@ -180,7 +190,7 @@ fn ties_route_the_gradient_like_pytorch() {
         for a in argm {
             want[a] += 1.0;
         }
-        assert_eq!(got, want, "{geo:?}");
+        assert_eq!(got, want, "{geo:?} composed {composed}");
     }
 }
 

@@ -310,6 +310,15 @@ fn rejects_bad_labels_and_channels() {
     assert!(model.grad_cam(&x, &[LabelId(0), LabelId(3)]).is_err());
     let rgb = Tensor::zeros((1, 3, 8, 8), DType::F64, &Device::Cpu).unwrap();
     assert!(model.forward(&rgb).is_err());
+    // An f32 input to an f64 model is converted, and its gradient comes back in f32.
+    let x32 = Tensor::ones((1, 1, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        model
+            .log_prob_input_grad(&x32, &[LabelId(1)])
+            .unwrap()
+            .dtype(),
+        DType::F32
+    );
     let mut bad = cfg.clone();
     bad.mean = vec![0.5, 0.5];
     assert!(
@@ -319,5 +328,55 @@ fn rejects_bad_labels_and_channels() {
         )
         .is_err()
     );
-    let _unused: HashMap<String, Tensor> = HashMap::new();
+}
+
+#[test]
+fn trainable_and_frozen_paths_agree() {
+    // A VarMap-backed model (training: plain conv + BatchNorm, kernel gradients kept) and the
+    // same weights as plain tensors (inference: BN folded into the conv, input-only backward).
+    let cfg = ResNetConfig::torchvision(BlockKind::Basic, vec![1, 1], 4);
+    let vm = candle_nn::VarMap::new();
+    let trainable =
+        ResNet::new(VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu), &cfg).unwrap();
+    let mut plain = HashMap::new();
+    for (name, var) in vm.data().lock().unwrap().iter() {
+        // Non-trivial BN statistics and affine parameters, so that the fold is exercised.
+        let fresh = Seeded
+            .get(
+                var.shape().clone(),
+                name,
+                candle_nn::Init::Const(0.0),
+                DType::F64,
+                &Device::Cpu,
+            )
+            .unwrap();
+        var.set(&fresh).unwrap();
+        plain.insert(name.clone(), fresh);
+    }
+    let frozen = ResNet::new(
+        VarBuilder::from_tensors(plain, DType::F64, &Device::Cpu),
+        &cfg,
+    )
+    .unwrap();
+    let x = Tensor::from_vec(
+        random_image((2, 3, 21, 21), 3),
+        (2, 3, 21, 21),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let labels = [LabelId(0), LabelId(3)];
+    let (a, b) = (trainable.forward(&x).unwrap(), frozen.forward(&x).unwrap());
+    // Folding reassociates f64 products: differences at the 1e-15 level, relative.
+    assert!(rel_to_max(&a.logits, &b.logits) < 1e-12);
+    assert!(rel_to_max(&a.features, &b.features) < 1e-12);
+    let ga = trainable.log_prob_input_grad(&x, &labels).unwrap();
+    let gb = frozen.log_prob_input_grad(&x, &labels).unwrap();
+    assert!(rel_to_max(&ga, &gb) < 1e-12);
+
+    // Training mode: batch statistics, gradients reach the weights; refused on constant weights.
+    let logits = trainable.forward_t(&x, true).unwrap().logits;
+    let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let w = vm.data().lock().unwrap()["layer2.0.conv1.weight"].clone();
+    assert!(grads.get(w.as_tensor()).is_some());
+    assert!(frozen.forward_t(&x, true).is_err());
 }

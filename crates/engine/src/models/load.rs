@@ -136,14 +136,24 @@ impl Checkpoint {
                 if !top.shapes.is_empty() {
                     return Ok(top);
                 }
-                Self::open_pth(path, Some("state_dict")).map_err(|_| {
+                let nested = Self::open_pth(path, Some("state_dict")).map_err(|e| {
+                    let cause = match e {
+                        EngineError::Format { detail, .. } => detail,
+                        other => other.to_string(),
+                    };
                     format_error(
                         path,
                         "PyTorch checkpoint",
-                        "no tensors at the top level and no `state_dict` entry \
-                         (a whole pickled module? save its state_dict instead)",
+                        format!(
+                            "no tensors at the top level and no readable `state_dict` entry \
+                             (a whole pickled module? save its state_dict instead): {cause}"
+                        ),
                     )
-                })
+                })?;
+                if nested.shapes.is_empty() {
+                    return Err(format_error(path, "PyTorch checkpoint", "no tensors found"));
+                }
+                Ok(nested)
             }
             Kind::LegacyPickle => Err(format_error(
                 path,

@@ -9,11 +9,12 @@
 use std::path::Path;
 
 use candle_core::{D, DType, Device, Module, ModuleT, Tensor, Var};
-use candle_nn::{BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{BatchNorm, BatchNormConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Classifier, ClassifierOutput, LabelId};
 use crate::models::load::{Checkpoint, IGNORE_BN_COUNTERS, LoadOptions};
+use crate::ops::conv::conv2d;
 use crate::ops::pool::{MaxPool2d, global_avg_pool};
 use crate::{EngineError, Result};
 
@@ -141,20 +142,45 @@ impl ResNetConfig {
     }
 }
 
-fn conv(
-    vb: VarBuilder,
-    cin: usize,
-    cout: usize,
-    k: usize,
+/// A convolution through [`crate::ops::conv::conv2d`], whose CPU backward computes only the
+/// gradients something tracks (for checkpoint weights: the input gradient alone).
+#[derive(Debug, Clone)]
+struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
     stride: usize,
     padding: usize,
-) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    Ok(candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)?)
+}
+
+impl Conv {
+    /// A bias-free conv with torchvision's names (torchvision convs feed a BatchNorm).
+    fn load(
+        vb: VarBuilder,
+        io: (usize, usize),
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        // Kaiming init matters only for a fresh VarMap (training); checkpoints ignore hints.
+        let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        let weight = vb.get_with_hints((io.1, io.0, k, k), "weight", init)?;
+        Ok(Self {
+            weight,
+            bias: None,
+            stride,
+            padding,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )?)
+    }
 }
 
 fn bn(vb: VarBuilder, c: usize, eps: f64) -> Result<BatchNorm> {
@@ -167,9 +193,12 @@ fn bn(vb: VarBuilder, c: usize, eps: f64) -> Result<BatchNorm> {
 
 /// Conv → BN (→ ReLU) pair, the unit everything is made of.
 #[derive(Debug, Clone)]
-struct ConvBn {
-    conv: Conv2d,
-    bn: BatchNorm,
+enum ConvBn {
+    /// Trainable weights (a VarMap): conv + BatchNorm, kernel gradients kept.
+    Trainable { conv: Conv, bn: BatchNorm },
+    /// Constant weights (a checkpoint): the eval-mode BN folded into the conv, one op instead
+    /// of five broadcast ops whose backward reduces gradients for BN statistics nobody needs.
+    Folded(Conv),
 }
 
 impl ConvBn {
@@ -181,42 +210,55 @@ impl ConvBn {
         stride: usize,
         eps: f64,
     ) -> Result<Self> {
-        Ok(Self {
-            conv: conv(vb.pp(format!("conv{n}")), io.0, io.1, k, stride, k / 2)?,
-            bn: bn(vb.pp(format!("bn{n}")), io.1, eps)?,
+        let conv = Conv::load(vb.pp(format!("conv{n}")), io, k, stride, k / 2)?;
+        let bn = bn(vb.pp(format!("bn{n}")), io.1, eps)?;
+        Self::assemble(conv, bn)
+    }
+
+    fn assemble(conv: Conv, bn: BatchNorm) -> Result<Self> {
+        // Weights from a VarMap are Vars; checkpoint weights are plain tensors. The BN
+        // statistics cannot tell: candle wraps them in Vars either way.
+        Ok(if conv.weight.is_variable() {
+            Self::Trainable { conv, bn }
+        } else {
+            Self::Folded(fold_bn(&conv, &bn)?)
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        Ok(self
-            .bn
-            .forward_t(&strided_safe_conv(&self.conv, x)?, train)?)
+        match (self, train) {
+            (Self::Folded(folded), false) => folded.forward(x),
+            (Self::Folded(_), true) => Err(EngineError::Config(
+                "training mode needs a ResNet built from a VarMap; this one has constant weights"
+                    .into(),
+            )),
+            (Self::Trainable { conv, bn }, _) => Ok(bn.forward_t(&conv.forward(x)?, train)?),
+        }
     }
 }
 
-/// `conv.forward(x)`, except when the backward pass would fail: candle 0.11.1 derives the
-/// output padding of a strided conv's input gradient from the height alone (backprop.rs), so a
-/// non-square input whose H and W leave different remainders modulo the stride errors in
-/// backward. Those cases run the conv at stride 1 and subsample, which has the same values and a
-/// correct gradient. Square inputs (everything DiffGuard feeds) take the direct path.
-fn strided_safe_conv(conv: &Conv2d, x: &Tensor) -> Result<Tensor> {
-    let cfg = conv.config();
-    let (s, p) = (cfg.stride, cfg.padding);
-    let (_, _, h, w) = x.dims4()?;
-    let (kh, kw) = (conv.weight().dim(2)?, conv.weight().dim(3)?);
-    if s == 1 || h + 2 * p < kh || w + 2 * p < kw || (h + 2 * p - kh) % s == (w + 2 * p - kw) % s {
-        return Ok(conv.forward(x)?);
-    }
-    let full = x.conv2d(conv.weight(), p, 1, cfg.dilation, cfg.groups)?;
-    let every = |len: usize| {
-        let idx: Vec<u32> = (0..len).step_by(s).map(|i| i as u32).collect();
-        Tensor::new(idx.as_slice(), x.device())
+/// conv(x; W)·s + t = conv(x; W·s) + t with s = γ/√(σ² + ε), t = β − μ·s; computed in f64.
+fn fold_bn(conv: &Conv, bn: &BatchNorm) -> Result<Conv> {
+    let dtype = conv.weight.dtype();
+    let f64_of = |t: &Tensor| t.to_dtype(DType::F64);
+    let (mean, var) = (f64_of(bn.running_mean())?, f64_of(bn.running_var())?);
+    let inv_std = (var + bn.eps())?.sqrt()?.recip()?;
+    let (scale, shift) = match bn.weight_and_bias() {
+        Some((g, b)) => {
+            let scale = (f64_of(g)? * inv_std)?;
+            let shift = (f64_of(b)? - (&mean * &scale)?)?;
+            (scale, shift)
+        }
+        None => (inv_std.clone(), (mean.neg()? * inv_std)?),
     };
-    let full = full.index_select(&every(full.dim(2)?)?, 2)?;
-    let full = full.index_select(&every(full.dim(3)?)?, 3)?;
-    Ok(match conv.bias() {
-        Some(b) => full.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-        None => full,
+    let weight = f64_of(&conv.weight)?.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+    // Detached: candle keeps BN statistics in Vars, which would make the folded weights look
+    // tracked and cost a weight gradient in every backward pass.
+    Ok(Conv {
+        weight: weight.to_dtype(dtype)?.detach(),
+        bias: Some(shift.to_dtype(dtype)?.detach()),
+        stride: conv.stride,
+        padding: conv.padding,
     })
 }
 
@@ -250,10 +292,8 @@ impl Block {
         };
         let downsample = if stride != 1 || cin != cout {
             let ds = vb.pp("downsample");
-            Some(ConvBn {
-                conv: conv(ds.pp("0"), cin, cout, 1, stride, 0)?,
-                bn: bn(ds.pp("1"), cout, eps)?,
-            })
+            let c = Conv::load(ds.pp("0"), (cin, cout), 1, stride, 0)?;
+            Some(ConvBn::assemble(c, bn(ds.pp("1"), cout, eps)?)?)
         } else {
             None
         };
@@ -359,9 +399,9 @@ impl ResNet {
                 self.config.in_channels
             )));
         }
-        let x = x01
-            .broadcast_sub(&self.mean)?
-            .broadcast_mul(&self.inv_std)?;
+        // Inputs of another dtype are converted (differentiably) rather than rejected.
+        let x = x01.to_dtype(self.mean.dtype())?;
+        let x = x.broadcast_sub(&self.mean)?.broadcast_mul(&self.inv_std)?;
         let mut h = self.stem.forward(&x, train)?.relu()?;
         if self.config.stem == Stem::ImageNet {
             h = MaxPool2d::RESNET_STEM.forward(&h)?;

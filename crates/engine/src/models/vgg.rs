@@ -8,11 +8,12 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use crate::models::load::{Checkpoint, LoadOptions};
 use crate::models::resnet::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::ops::conv::conv2d;
 use crate::{EngineError, Result};
 
 /// torchvision `features` indices of the 13 convolutions, grouped by stage; each stage ends at
@@ -52,7 +53,8 @@ impl Default for VggConfig {
 /// VGG16 `features` up to relu5_3, L2-pooled between stages.
 #[derive(Debug, Clone)]
 pub struct Vgg16Features {
-    stages: Vec<Vec<Conv2d>>,
+    /// Per stage, (weight, bias) of each 3×3 pad-1 convolution.
+    stages: Vec<Vec<(Tensor, Tensor)>>,
     mean: Tensor,
     inv_std: Tensor,
     pool_kernel: Tensor,
@@ -61,16 +63,13 @@ pub struct Vgg16Features {
 impl Vgg16Features {
     pub fn new(vb: VarBuilder, config: &VggConfig) -> Result<Self> {
         let vf = vb.pp("features");
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let mut cin = 3;
         let mut stages = Vec::with_capacity(STAGES.len());
         for (indices, &width) in STAGES.iter().zip(&WIDTHS) {
             let mut convs = Vec::with_capacity(indices.len());
             for &i in *indices {
-                convs.push(candle_nn::conv2d(cin, width, 3, cfg, vf.pp(i))?);
+                let v = vf.pp(i);
+                convs.push((v.get((width, cin, 3, 3), "weight")?, v.get(width, "bias")?));
                 cin = width;
             }
             stages.push(convs);
@@ -99,8 +98,8 @@ impl Vgg16Features {
             if i > 0 {
                 h = self.l2_pool(&h)?;
             }
-            for conv in convs {
-                h = conv.forward(&h)?.relu()?;
+            for (w, b) in convs {
+                h = conv2d(&h, w, Some(b), 1, 1)?.relu()?;
             }
             out.push(h.clone());
         }
@@ -112,7 +111,7 @@ impl Vgg16Features {
     fn l2_pool(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let planes = x.sqr()?.reshape((n * c, 1, h, w))?;
-        let pooled = planes.conv2d(&self.pool_kernel, 1, 2, 1, 1)?;
+        let pooled = conv2d(&planes, &self.pool_kernel, None, 2, 1)?;
         let (_, _, oh, ow) = pooled.dims4()?;
         Ok((pooled.reshape((n, c, oh, ow))? + L2_POOL_EPS)?.sqrt()?)
     }
