@@ -87,9 +87,8 @@ pub struct Linear {
 impl Linear {
     fn load(vb: VarBuilder, shape: Vec<usize>, bias: bool) -> Result<Self> {
         let (cout, cin) = (shape[0], shape[1]);
-        let weight = vb
-            .get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?
-            .reshape((cout, cin))?;
+        // Kept in the checkpoint's shape (no copy at load); viewed as (cout, cin) per call.
+        let weight = vb.get_with_hints(shape, "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?;
         let bias = if bias {
             let bound = 1.0 / (cin as f64).sqrt();
             let init = Init::Uniform {
@@ -124,13 +123,15 @@ impl Linear {
         let cin = dims.last().copied().unwrap_or(0);
         let rows = x.elem_count() / cin.max(1);
         let flat = x.contiguous()?.reshape((rows, cin))?;
-        let mut y = flat.matmul(&self.weight.t()?)?;
+        let cout = self.weight.dim(0)?;
+        let w = self.weight.reshape((cout, cin))?;
+        let mut y = flat.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
+            *last = cout;
         }
         Ok(y.reshape(out_dims)?)
     }
@@ -152,11 +153,12 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x_in: &Tensor) -> Result<Tensor> {
+        let x = &cast(x_in, compute_dtype(x_in.dtype()))?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let xn = cast(&xc.broadcast_div(&(var + self.eps)?.sqrt()?)?, x_in.dtype())?;
         Ok(xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 }
@@ -190,7 +192,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     let (qh, kh, vh) = (split(q, t)?, split(k, s)?, split(v, s)?);
     let kt = kh.transpose(1, 2)?.contiguous()?;
     let logits = (qh.matmul(&kt)? * scale)?;
-    let weights = candle_nn::ops::softmax(&logits, D::Minus1)?.contiguous()?;
+    // Half-precision runs take the softmax in f32, like the references' `softmax(w.float())`.
+    let weights = candle_nn::ops::softmax(&cast(&logits, compute_dtype(q.dtype()))?, D::Minus1)?;
+    let weights = cast(&weights, q.dtype())?.contiguous()?;
     let out = weights.matmul(&vh)?;
     Ok(out
         .reshape((b, heads, t, d))?
@@ -242,6 +246,14 @@ pub fn label_tensor(labels: &[u32], device: &Device) -> Result<Tensor> {
 /// Applies a candle module (convolution, GroupNorm) and maps its error.
 pub fn apply<M: Module>(m: &M, x: &Tensor) -> Result<Tensor> {
     Ok(m.forward(x)?)
+}
+
+/// The dtype statistics and softmax are computed in: f32 for half types, else unchanged.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
 }
 
 /// Casts `x` to `dtype` if needed (weights and activations share the VarBuilder dtype).
