@@ -168,6 +168,12 @@ impl Dataset {
         })
     }
 
+    /// A seeded stratified subset of `n` images (all when `n ≥ len`), in original order; see
+    /// [`super::stratified_subset`].
+    pub fn stratified(&self, n: usize, seed: u64) -> Result<Dataset> {
+        self.select(&super::stratified_subset(&self.labels, n, seed))
+    }
+
     /// Same images with the single grey channel repeated three times (for RGB classifiers).
     /// A dataset that already has 3 channels is returned unchanged.
     pub fn to_rgb(&self) -> Result<Dataset> {
