@@ -224,6 +224,24 @@ fn data_tensor_ranges_and_rgb() {
         )
         .is_err()
     );
+    let f32_pixels = |v: Vec<f32>| {
+        Dataset::new(
+            "f",
+            [1, 1, 2],
+            Pixels::F32(v),
+            vec![LabelId(0)],
+            vec!["a".into()],
+        )
+    };
+    assert!(f32_pixels(vec![0.0, 1.5]).is_err());
+    assert!(f32_pixels(vec![0.0, f32::NAN]).is_err());
+    let f = f32_pixels(vec![0.25, 1.0]).unwrap();
+    let t = f.to_tensor(PixelRange::MinusOneOne, &Device::Cpu).unwrap();
+    assert_eq!(
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        [-0.5, 1.0]
+    );
+    assert_eq!(f.to_rgb().unwrap().pixel(0, 2, 0, 0), Some(0.25));
 }
 
 #[test]
