@@ -127,8 +127,16 @@ fn brute_force_auroc(ia: &[f64], ib: &[f64], oa: &[f64], ob: &[f64]) -> f64 {
     let mut seen = vec![false; oa.len() + 1];
     for &ta in &grid(ia, oa) {
         for &tb in &grid(ib, ob) {
-            let tp = ia.iter().zip(ib).filter(|(a, b)| **a >= ta && **b >= tb).count();
-            let fp = oa.iter().zip(ob).filter(|(a, b)| **a >= ta && **b >= tb).count();
+            let tp = ia
+                .iter()
+                .zip(ib)
+                .filter(|(a, b)| **a >= ta && **b >= tb)
+                .count();
+            let fp = oa
+                .iter()
+                .zip(ob)
+                .filter(|(a, b)| **a >= ta && **b >= tb)
+                .count();
             best[fp] = if seen[fp] { best[fp].max(tp) } else { tp };
             seen[fp] = true;
         }
