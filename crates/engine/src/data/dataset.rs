@@ -42,7 +42,8 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Checks that the pixel count is `labels.len() · C·H·W` and every label names a class.
+    /// Checks that the pixel count is `labels.len() · C·H·W`, f32 pixels lie in [0,1] and every
+    /// label names a class.
     pub fn new(
         name: impl Into<String>,
         shape: [usize; 3],
@@ -62,6 +63,13 @@ impl Dataset {
                 "dataset {name}: {} pixel values for {} images of shape {shape:?}",
                 pixels.len(),
                 labels.len()
+            )));
+        }
+        if let Pixels::F32(v) = &pixels
+            && let Some(bad) = v.iter().find(|p| !(0.0..=1.0).contains(*p))
+        {
+            return Err(EngineError::InvalidInput(format!(
+                "dataset {name}: pixel value {bad} outside [0,1]"
             )));
         }
         if let Some(bad) = labels.iter().find(|l| l.0 as usize >= class_names.len()) {
@@ -166,6 +174,12 @@ impl Dataset {
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             class_names: self.class_names.clone(),
         })
+    }
+
+    /// A seeded stratified subset of `n` images (all when `n ≥ len`), in original order; see
+    /// [`super::stratified_subset`].
+    pub fn stratified(&self, n: usize, seed: u64) -> Result<Dataset> {
+        self.select(&super::stratified_subset(&self.labels, n, seed))
     }
 
     /// Same images with the single grey channel repeated three times (for RGB classifiers).

@@ -43,7 +43,12 @@ pub const DATA_ENV: &str = "DIFFGUARD_DATA";
 pub fn data_dir() -> PathBuf {
     match std::env::var_os(DATA_ENV) {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data"),
+        // crates/engine → the workspace root.
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .ancestors()
+            .nth(2)
+            .unwrap_or(Path::new("."))
+            .join("data"),
     }
 }
 

@@ -10,11 +10,13 @@
 //! - [`calibrate`]: global and per-class thresholds at a target false-reject rate, and the
 //!   fingerprinted thresholds file the proxy loads.
 //! - [`combine`]: the deployable cascade and the paper's threshold-envelope oracle (spec §8.4).
+//! - [`table`]: the results table in the paper's layout (Markdown, JSON).
 
 pub mod baselines;
 pub mod calibrate;
 pub mod combine;
 pub mod metrics;
+pub mod table;
 
 pub use baselines::{Knn, Vim, energy, max_logit, msp};
 pub use calibrate::{
@@ -22,3 +24,4 @@ pub use calibrate::{
 };
 pub use combine::{Cascade, Envelope, threshold_envelope};
 pub use metrics::{OodMetrics, Roc, aupr, auroc, fpr_at_tpr, ood_metrics, roc_curve};
+pub use table::{ResultsTable, TableRow};

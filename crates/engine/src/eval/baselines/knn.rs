@@ -75,30 +75,28 @@ impl Knn {
         for start in (0..dims[0]).step_by(CHUNK) {
             let len = CHUNK.min(dims[0] - start);
             let chunk = q.narrow(0, start, len)?.contiguous()?;
-            let q_sq = chunk
-                .sqr()?
-                .sum(D::Minus1)?
-                .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?;
+            let q_sq = chunk.sqr()?.sum(D::Minus1)?.to_vec1::<f32>()?;
             let dots = chunk
                 .matmul(&self.bank_t)?
-                .to_dtype(DType::F64)?
-                .to_vec2::<f64>()?;
-            for (row, qs) in dots.iter().zip(q_sq) {
-                out.push(-self.kth_distance(row, qs));
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let mut scratch = Vec::with_capacity(self.bank_sq.len());
+            for (row, qs) in dots.chunks_exact(self.bank_sq.len()).zip(q_sq) {
+                out.push(-self.kth_distance(row, f64::from(qs), &mut scratch));
             }
         }
         Ok(out)
     }
 
     /// The k-th smallest ‖q − b‖² = ‖q‖² + ‖b‖² − 2 q·b (faiss's flat L2 index computes the same).
-    fn kth_distance(&self, dots: &[f64], q_sq: f64) -> f64 {
-        let mut d: Vec<f64> = dots
-            .iter()
-            .zip(&self.bank_sq)
-            .map(|(dot, b_sq)| (q_sq + b_sq - 2.0 * dot).max(0.0))
-            .collect();
-        let (_, kth, _) = d.select_nth_unstable_by(self.k - 1, f64::total_cmp);
+    fn kth_distance(&self, dots: &[f32], q_sq: f64, scratch: &mut Vec<f64>) -> f64 {
+        scratch.clear();
+        scratch.extend(
+            dots.iter()
+                .zip(&self.bank_sq)
+                .map(|(&dot, b_sq)| (q_sq + b_sq - 2.0 * f64::from(dot)).max(0.0)),
+        );
+        let (_, kth, _) = scratch.select_nth_unstable_by(self.k - 1, f64::total_cmp);
         *kth
     }
 }
