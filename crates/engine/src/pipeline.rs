@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 
 use crate::ddim::{cfg_eps, gdm_invert_step, guided_sample_step, ldm_step};
 use crate::early_stop::{EarlyStop, group_by_start, start_index};
-use crate::guidance::{CleanGrad, dsg_mask};
+use crate::guidance::{CleanGrad, CutBox, dsg_mask};
 use crate::model::{Autoencoder, Classifier, Denoiser, LabelId};
 use crate::ops::resize::bilinear_resize;
 use crate::recipe::{
@@ -72,6 +72,8 @@ pub struct ImageResult {
     pub synthesis: Tensor,
     /// What it was compared with (the input or the unguided reconstruction), same layout.
     pub reference: Tensor,
+    /// The inverted latent the synthesis started from (x_{k*+1} for pixel recipes).
+    pub latent: Tensor,
 }
 
 /// How the guided rows' ε is formed at each sampling step.
@@ -104,6 +106,9 @@ struct PixelPlan {
 pub struct DiffGuard {
     recipe: Recipe,
     models: Models,
+    /// Cutout boxes per denoising step (counted from the first), replacing the seeded RNG; used to
+    /// replay a reference run. The RNG is reset per image, so every image sees the same list.
+    recorded_cutouts: Option<Vec<Vec<CutBox>>>,
 }
 
 impl DiffGuard {
@@ -130,7 +135,17 @@ impl DiffGuard {
             }
             _ => {}
         }
-        Ok(Self { recipe, models })
+        Ok(Self {
+            recipe,
+            models,
+            recorded_cutouts: None,
+        })
+    }
+
+    /// Replays recorded cutouts (one list of boxes per denoising step) instead of drawing them.
+    pub fn with_recorded_cutouts(mut self, boxes: Vec<Vec<CutBox>>) -> Self {
+        self.recorded_cutouts = Some(boxes);
+        self
     }
 
     pub fn recipe(&self) -> &Recipe {
@@ -270,6 +285,7 @@ impl DiffGuard {
                     nfe: nfe[i],
                     synthesis: synth.get(i)?,
                     reference: refs.get(i)?,
+                    latent: z.get(i)?,
                 })
             })
             .collect()
@@ -360,7 +376,7 @@ impl DiffGuard {
         let mut rng = StdRng::seed_from_u64(plan.seed);
         let mut cost = Nfe::default();
         let (_, _, h, w) = z.dims4()?;
-        for j in (0..=start).rev() {
+        for (step, j) in (0..=start).rev().enumerate() {
             let t = s.timestep(j)?;
             let a = [s.alpha_bar(j)?];
             let a_prev = [s.alpha_bar_prev(j)?];
@@ -369,9 +385,14 @@ impl DiffGuard {
             let grad = match &plan.clean_grad {
                 None => None,
                 Some(cg) => {
-                    let boxes = match &cg.cutouts {
-                        Some(spec) => spec.draw(&mut rng, (h, w))?,
-                        None => Vec::new(),
+                    let boxes = match (&cg.cutouts, &self.recorded_cutouts) {
+                        (None, _) => Vec::new(),
+                        (Some(_), Some(rec)) => rec.get(step).cloned().ok_or_else(|| {
+                            EngineError::InvalidInput(format!(
+                                "no recorded cutouts for step {step}"
+                            ))
+                        })?,
+                        (Some(spec), None) => spec.draw(&mut rng, (h, w))?,
                     };
                     let crops = boxes.len().max(1);
                     cost.classifier_forward += crops;
@@ -511,7 +532,7 @@ impl DiffGuard {
         let mut batch = if with_unguided {
             Tensor::cat(&[&z, &z], 0)?
         } else {
-            z
+            z.clone()
         };
         let mode = EpsMode::Cfg {
             omega: r.denoise_guidance_scale,
@@ -545,6 +566,7 @@ impl DiffGuard {
                     nfe: nfe[i],
                     synthesis: synth.get(i)?,
                     reference: refs.get(i)?,
+                    latent: z.get(i)?,
                 })
             })
             .collect()
