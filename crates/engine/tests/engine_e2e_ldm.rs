@@ -113,13 +113,11 @@ fn ldm_detector_end_to_end() {
             sim.l2 - s_l2[i],
             sim.logits_l1 - s_logits[i]
         );
-        // config suggested_checks "tight": z_inverted 2e-4 abs, decoded 2e-5 abs, dists 1e-6,
-        // l2 1e-4, logits 2e-5. The decoded image also proves that every VQ code of z_synth
-        // matched (a wrong code moves pixels by far more than 2e-5).
-        assert!(
-            ez <= 2e-4 && ez <= 1e-5 * max_abs(&z_inv).max(1.0) * 20.0,
-            "z_inverted {ez}"
-        );
+        // z_inverted: 10× the reference's float32-vs-float64 difference (1.08e-5; observed 1.9e-5).
+        // Then config suggested_checks "tight": decoded 2e-5 abs, dists 1e-6, l2 1e-4, logits
+        // 2e-5. The decoded image also proves that every VQ code of z_synth matched (a wrong code
+        // moves pixels by far more than 2e-5).
+        assert!(ez <= 1e-4, "z_inverted {ez}");
         assert!(ex <= 2e-5, "x_y {ex}");
         assert!((sim.dists.unwrap() - s_dists[i]).abs() <= 1e-6, "dists");
         assert!((sim.l2 - s_l2[i]).abs() <= 1e-4, "l2");
