@@ -41,7 +41,9 @@ pub struct Models {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Nfe {
     pub denoiser: usize,
+    /// Classifier forward passes, Grad-CAM included (the ResNet's is analytic: one forward).
     pub classifier_forward: usize,
+    /// Input-gradient passes (Clean Grad: one per cutout per guided step).
     pub classifier_backward: usize,
     pub dists: usize,
     pub autoencoder: usize,
@@ -152,6 +154,14 @@ impl DiffGuard {
         &self.recipe
     }
 
+    fn reference(&self) -> Reference {
+        match &self.recipe {
+            Recipe::Gdm(r) => r.reference,
+            Recipe::Ldm(r) => r.reference,
+            Recipe::PixelCfg(r) => r.reference,
+        }
+    }
+
     /// Scores a batch of images (N, C, H, W) in [-1,1] at the recipe's input size. `labels` are the
     /// classifier's predictions if already known (e.g. from the upstream response); otherwise the
     /// classifier is run.
@@ -169,7 +179,13 @@ impl DiffGuard {
         }
         let x = x.to_dtype(DType::F32)?;
         let x01 = to_unit(&x)?;
-        let input_logits = self.models.classifier.forward(&x01)?.logits;
+        // The input's logits are needed to predict the label or to score logits-L1 against the
+        // input; a GDM run with known labels skips this pass.
+        let input_logits = if labels.is_none() || self.reference() == Reference::Input {
+            Some(self.models.classifier.forward(&x01)?.logits)
+        } else {
+            None
+        };
         let labels = match labels {
             Some(l) if l.len() == n => l.to_vec(),
             Some(l) => {
@@ -178,7 +194,9 @@ impl DiffGuard {
                     l.len()
                 )));
             }
-            None => argmax(&input_logits)?,
+            None => argmax(input_logits.as_ref().ok_or_else(|| {
+                EngineError::InvalidInput("no labels and no classifier logits".into())
+            })?)?,
         };
         let num_classes = self.models.classifier.num_classes();
         if let Some(bad) = labels.iter().find(|l| l.0 as usize >= num_classes) {
@@ -188,11 +206,11 @@ impl DiffGuard {
             )));
         }
         match &self.recipe {
-            Recipe::Gdm(r) => self.run_pixel(&gdm_plan(r)?, &x, &x01, &input_logits, &labels),
+            Recipe::Gdm(r) => self.run_pixel(&gdm_plan(r)?, &x, &x01, input_logits, &labels),
             Recipe::PixelCfg(r) => {
-                self.run_pixel(&pixel_cfg_plan(r)?, &x, &x01, &input_logits, &labels)
+                self.run_pixel(&pixel_cfg_plan(r)?, &x, &x01, input_logits, &labels)
             }
-            Recipe::Ldm(r) => self.run_ldm(r, &x, &x01, &input_logits, &labels),
+            Recipe::Ldm(r) => self.run_ldm(r, &x, &x01, input_logits, &labels),
         }
     }
 
@@ -201,13 +219,13 @@ impl DiffGuard {
         plan: &PixelPlan,
         x: &Tensor,
         x01: &Tensor,
-        input_logits: &Tensor,
+        input_logits: Option<Tensor>,
         labels: &[LabelId],
     ) -> Result<Vec<ImageResult>> {
         let n = x.dim(0)?;
         let mut nfe = vec![
             Nfe {
-                classifier_forward: 1,
+                classifier_forward: usize::from(input_logits.is_some()),
                 ..Nfe::default()
             };
             n
@@ -218,7 +236,6 @@ impl DiffGuard {
             Some((_, Some(cut))) => {
                 for c in nfe.iter_mut() {
                     c.classifier_forward += 1;
-                    c.classifier_backward += 1;
                 }
                 let hw = (plan.image_size, plan.image_size);
                 Some(
@@ -270,7 +287,7 @@ impl DiffGuard {
         let synth = stack_rows(synth)?;
         let refs = stack_rows(refs)?;
         let reference_logits = match plan.reference {
-            Reference::Input => Some(input_logits),
+            Reference::Input => input_logits.as_ref(),
             Reference::Unguided => None,
         };
         let sims = self.similarities(&refs, &synth, reference_logits, &mut nfe)?;
@@ -395,7 +412,6 @@ impl DiffGuard {
                         (Some(spec), None) => spec.draw(&mut rng, (h, w))?,
                     };
                     let crops = boxes.len().max(1);
-                    cost.classifier_forward += crops;
                     cost.classifier_backward += crops;
                     let xg = batch.narrow(0, 0, g)?;
                     let eg = eps.narrow(0, 0, g)?;
@@ -467,7 +483,7 @@ impl DiffGuard {
         r: &LdmRecipe,
         x: &Tensor,
         x01: &Tensor,
-        input_logits: &Tensor,
+        input_logits: Option<Tensor>,
         labels: &[LabelId],
     ) -> Result<Vec<ImageResult>> {
         let n = x.dim(0)?;
@@ -478,7 +494,7 @@ impl DiffGuard {
             .ok_or_else(|| EngineError::Config("the LDM recipe needs an autoencoder".into()))?;
         let s = SpacedSchedule::ldm(r.beta_schedule, r.diffusion_steps, r.ddim_steps)?;
         let mut cost = Nfe {
-            classifier_forward: 1,
+            classifier_forward: usize::from(input_logits.is_some()),
             autoencoder: 2,
             ..Nfe::default()
         };
@@ -486,7 +502,6 @@ impl DiffGuard {
         let (_, zc, zh, zw) = z.dims4()?;
         let mask = if r.use_cam {
             cost.classifier_forward += 1;
-            cost.classifier_backward += 1;
             let m = dsg_mask(
                 self.models.classifier.as_ref(),
                 x01,
@@ -551,7 +566,7 @@ impl DiffGuard {
         let (refs, reference_logits) = if with_unguided {
             (decoded.narrow(0, n, n)?, None)
         } else {
-            (x.clone(), Some(input_logits))
+            (x.clone(), input_logits.as_ref())
         };
         let mut nfe = vec![cost; n];
         let sims = self.similarities(&refs, &synth, reference_logits, &mut nfe)?;

@@ -71,10 +71,11 @@ fn pixel_cfg_with_clean_grad_runs_on_fashion_mnist_shapes() {
         assert_eq!(r.synthesis.dims(), [1, 28, 28]);
         assert_eq!(r.label, LABELS[i]);
         // 4 inversion steps → k* = 3, start at its level (d = 2): 5 sampling steps of 2 rows;
-        // backward passes: the Grad-CAM and 2 cutouts per sampling step.
+        // input-gradient passes: 2 cutouts per sampling step; forwards: input, Grad-CAM, synthesis.
         assert_eq!((r.k_star, r.start_index), (Some(3), 4));
         assert_eq!(r.nfe.denoiser, 4 + 5 * 2);
-        assert_eq!(r.nfe.classifier_backward, 1 + 5 * 2);
+        assert_eq!(r.nfe.classifier_backward, 5 * 2);
+        assert_eq!(r.nfe.classifier_forward, 3);
     }
 }
 
