@@ -155,3 +155,36 @@ fn gdm_detector_end_to_end() {
         assert_eq!(r.score, sim.dists.unwrap());
     }
 }
+
+#[test]
+fn early_stop_metrics_with_real_dists_match_reference() {
+    let (Some(case), Some(n)) = (engine_common::case("pipeline_gdm"), nets()) else {
+        return;
+    };
+    let rule = recipe().early_stop;
+    let samples = case.f32("inv.samples");
+    let x0 = case.f32("x_resized");
+    let (psnr, dists) = (case.f32("inv.psnr"), case.f32("inv.dists_sim"));
+    let stop_sel = case.bools("inv.stop_sel");
+    let dists_model: &dyn ImageSimilarity = n.dists.as_ref();
+    for j in 0..samples.dim(0).unwrap() {
+        let check = rule
+            .check(&samples.get(j).unwrap(), &x0, Some(dists_model))
+            .unwrap();
+        let want_p: Vec<f32> = psnr.get(j).unwrap().to_vec1().unwrap();
+        let want_d: Vec<f32> = dists.get(j).unwrap().to_vec1().unwrap();
+        let got_d = check.dists_sim.as_ref().unwrap();
+        for b in 0..2 {
+            // config suggested_checks: PSNR 1e-3 dB, DISTS_sim 1e-5 (on unclamped inputs).
+            assert!(
+                (check.psnr[b] - want_p[b] as f64).abs() <= 1e-3,
+                "psnr[{j},{b}]"
+            );
+            assert!(
+                (got_d[b] - want_d[b] as f64).abs() <= 1e-5,
+                "dists[{j},{b}]"
+            );
+            assert_eq!(check.stop[b], stop_sel[j * 2 + b], "stop[{j},{b}]");
+        }
+    }
+}
