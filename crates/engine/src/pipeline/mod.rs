@@ -6,6 +6,18 @@
 //! DDIM sampling in one batch per group → resize back → similarity. Latent recipe (LDM): encode →
 //! null-class inversion → masked CFG sampling → decode → similarity. All tensors stay on the input's
 //! device; only per-image scalars (labels, early-stop metrics, scores) come back to the host.
+//!
+//! Usage (models are anything implementing the traits of [`crate::model`]):
+//! ```text
+//! let det = DiffGuard::new(Recipe::preset("ldm")?, Models { denoiser, classifier,
+//!                          autoencoder: Some(vq), dists: Some(dists) })?;
+//! let results = det.score(&images_pm1, None)?;   // or Some(&labels) from the upstream
+//! results[i].score                               // higher = more in-distribution
+//! ```
+//! Batching: pass any number of images; the pixel recipes run the inversion as one batch (stopped
+//! images leave it) and then one sampling batch per distinct start index. Clean Grad sends
+//! 8 × (images in the group) crops through one classifier input-gradient call per step; callers
+//! bound the batch size to fit memory.
 
 mod latent;
 mod pixel;
