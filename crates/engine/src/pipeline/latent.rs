@@ -12,7 +12,7 @@ use crate::schedule::SpacedSchedule;
 use crate::{EngineError, Result};
 
 impl DiffGuard {
-    /// Runs the LDM recipe on images `x` ([-1,1], input size) with their labels.
+    /// Runs the LDM recipe on images `x` (\[-1,1\], input size) with their labels.
     pub(super) fn run_ldm(
         &self,
         r: &LdmRecipe,

@@ -79,7 +79,7 @@ pub struct ImageResult {
     /// Spaced index where the denoising started.
     pub start_index: usize,
     pub nfe: Nfe,
-    /// Guided synthesis (C, H, W) in [-1,1] at the input size, not clamped.
+    /// Guided synthesis (C, H, W) in \[-1,1\] at the input size, not clamped.
     pub synthesis: Tensor,
     /// What it was compared with (the input or the unguided reconstruction), same layout.
     pub reference: Tensor,
@@ -156,7 +156,7 @@ impl DiffGuard {
         }
     }
 
-    /// Scores a batch of images (N, C, H, W) in [-1,1] at the recipe's input size. `labels` are the
+    /// Scores a batch of images (N, C, H, W) in \[-1,1\] at the recipe's input size. `labels` are the
     /// classifier's predictions if already known (e.g. from the upstream response); otherwise the
     /// classifier is run.
     pub fn score(&self, x: &Tensor, labels: Option<&[LabelId]>) -> Result<Vec<ImageResult>> {
@@ -247,7 +247,7 @@ impl DiffGuard {
             EngineError::Config("classifier-free guidance needs a null label".into())
         })
     }
-    /// DISTS (if available), L2 and logits-L1 between the clamped [0,1] views. `reference_logits`
+    /// DISTS (if available), L2 and logits-L1 between the clamped \[0,1\] views. `reference_logits`
     /// saves a classifier pass when the reference is the input.
     fn similarities(
         &self,

@@ -31,7 +31,7 @@ pub(super) struct PixelPlan {
 }
 
 impl DiffGuard {
-    /// Runs a pixel-space plan on images `x` ([-1,1], input size) with their labels.
+    /// Runs a pixel-space plan on images `x` (\[-1,1\], input size) with their labels.
     pub(super) fn run_pixel(
         &self,
         plan: &PixelPlan,
