@@ -52,7 +52,9 @@ impl DiffGuard {
         let null = self.null_label()?;
         for i in 0..s.len() {
             let t = s.timestep(i)?;
-            let eps = if r.diffuse_guidance_scale == 1.0 {
+            // CFG between the null label and the inversion's own condition is a no-op when that
+            // condition is the null label, so it only costs a second pass for a labelled inversion.
+            let eps = if r.diffuse_guidance_scale == 1.0 || r.unconditional_diffuse {
                 cost.denoiser += 1;
                 let cond = if r.unconditional_diffuse {
                     None
