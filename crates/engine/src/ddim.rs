@@ -121,7 +121,7 @@ pub fn guided_sample_step(
 }
 
 /// Classifier-free guidance with an optional binary mask (§4.2, DSG):
-/// ε̃ = M ⊙ [ε_u + ω(ε_y − ε_u)] + (1 − M) ⊙ ε_u. `mask` is u8 {0,1}, broadcastable to ε.
+/// ε̃ = M ⊙ \[ε_u + ω(ε_y − ε_u)\] + (1 − M) ⊙ ε_u. `mask` is u8 {0,1}, broadcastable to ε.
 pub fn cfg_eps(
     eps_uncond: &Tensor,
     eps_cond: &Tensor,

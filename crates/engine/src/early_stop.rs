@@ -45,7 +45,7 @@ impl EarlyStop {
     }
 
     /// Evaluates the rule for a batch of noised images `x_next` against the inputs `x0` (both in
-    /// [-1,1]). DISTS sees the unclamped images mapped by ·½+½, as in the reference.
+    /// \[-1,1\]). DISTS sees the unclamped images mapped by ·½+½, as in the reference.
     pub fn check(
         &self,
         x_next: &Tensor,

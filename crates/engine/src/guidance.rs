@@ -78,7 +78,7 @@ pub fn blended_input(x: &Tensor, eps: &Tensor, abar: &[f64], blend: bool) -> Res
 }
 
 impl CleanGrad {
-    /// g = s·∂/∂x̃ Σ_k Σ_i log_softmax(f(cut_k(u_i)))[y_i], u = (x̃ + 1)/2, for x (B,C,H,W) at
+    /// g = s·∂/∂x̃ Σ_k Σ_i log_softmax(f(cut_k(u_i)))\[y_i\], u = (x̃ + 1)/2, for x (B,C,H,W) at
     /// level ᾱ (one value or one per item) with the network's raw ε. `boxes` are this step's
     /// cutouts (shared by the whole batch); ignored when cutouts are off.
     pub fn gradient(
@@ -195,7 +195,7 @@ pub fn dsg_mask_from_cam(
     })
 }
 
-/// The DSG mask for images `x01` (N, C, H, W) in [0,1] and their labels.
+/// The DSG mask for images `x01` (N, C, H, W) in \[0,1\] and their labels.
 pub fn dsg_mask(
     classifier: &dyn Classifier,
     x01: &Tensor,

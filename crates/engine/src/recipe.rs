@@ -18,7 +18,7 @@ use crate::{EngineError, Result};
 pub enum Distance {
     /// 1 − DISTS (ImageNet recipes).
     Dists,
-    /// −‖a − b‖₂ over C, H, W of the [0,1] images.
+    /// −‖a − b‖₂ over C, H, W of the \[0,1\] images.
     L2,
     /// −Σ|Δlogit| of the classifier under protection (the paper's CIFAR-10 choice).
     LogitsL1,
@@ -44,7 +44,7 @@ pub struct GdmRecipe {
     pub ddim_steps: usize,
     /// The inversion runs at most `ddim_steps − early_stop_steps` steps.
     pub early_stop_steps: usize,
-    /// `early_stop_thresh` for [psnr, dists] (code units; negative disables).
+    /// `early_stop_thresh` for \[psnr, dists\] (code units; negative disables).
     pub early_stop: EarlyStop,
     pub forback_skip_diff: usize,
     pub clip_denoised: bool,

@@ -70,7 +70,7 @@ fn torch_linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
         .collect()
 }
 
-/// ᾱ[t] = Π_{s≤t} (1 − β_s), accumulated left to right like numpy's cumprod.
+/// ᾱ\[t\] = Π_{s≤t} (1 − β_s), accumulated left to right like numpy's cumprod.
 pub fn alphas_cumprod(betas: &[f64]) -> Vec<f64> {
     let mut acc = 1.0;
     betas
@@ -134,7 +134,7 @@ fn ldm_uniform_timesteps(num_timesteps: usize, steps: usize) -> Result<Vec<u32>>
 ///
 /// Conventions follow the two reference code bases: guided-diffusion re-derives β for the spaced
 /// process and takes ᾱ_prev(0) = 1 and ᾱ_next(last) = 0; latent-diffusion's DDIM sampler takes
-/// ᾱ_prev(0) = ᾱ[0] of the original schedule and float32 ᾱ values.
+/// ᾱ_prev(0) = ᾱ\[0\] of the original schedule and float32 ᾱ values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpacedSchedule {
     timesteps: Vec<u32>,
@@ -216,7 +216,7 @@ impl SpacedSchedule {
         Ok(self.alphas_cumprod[j])
     }
 
-    /// ᾱ of the next less noisy level (1 for GDM j = 0, ᾱ[0] for LDM j = 0).
+    /// ᾱ of the next less noisy level (1 for GDM j = 0, ᾱ\[0\] for LDM j = 0).
     pub fn alpha_bar_prev(&self, j: usize) -> Result<f64> {
         self.check(j)?;
         Ok(self.alphas_cumprod_prev[j])

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use crate::model::Classifier;
 use crate::{EngineError, Result};
 
-/// A learned perceptual similarity between two batches of images in [0,1] (DISTS implements it:
+/// A learned perceptual similarity between two batches of images in \[0,1\] (DISTS implements it:
 /// 1 − DISTS distance). Inputs are not clamped by the caller where the spec says so (early stop).
 pub trait ImageSimilarity: Send + Sync {
     /// One similarity per batch item, higher = more similar.
@@ -32,7 +32,7 @@ fn mse(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
     Ok(d.to_dtype(DType::F64)?.to_vec1()?)
 }
 
-/// The reference code's PSNR: 20·log10(255/√MSE) on data in [-1,1] without rescaling ("code
+/// The reference code's PSNR: 20·log10(255/√MSE) on data in \[-1,1\] without rescaling ("code
 /// units": paper dB + 42.11). Identical images give +∞.
 pub fn psnr_code(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
     Ok(mse(a, b)?
@@ -41,7 +41,7 @@ pub fn psnr_code(a: &Tensor, b: &Tensor) -> Result<Vec<f64>> {
         .collect())
 }
 
-/// The MSE in [-1,1] units at which [`psnr_code`] equals `psnr` (48.5 ⇔ 0.9186).
+/// The MSE in \[-1,1\] units at which [`psnr_code`] equals `psnr` (48.5 ⇔ 0.9186).
 pub fn mse_at_psnr_code(psnr: f64) -> f64 {
     (255.0 / 10f64.powf(psnr / 20.0)).powi(2)
 }
@@ -93,7 +93,7 @@ impl ImageSimilarity for LogitsL1Similarity<'_> {
     }
 }
 
-/// clamp((x + 1)/2, 0, 1): the [0,1] view every classifier and DISTS call sees.
+/// clamp((x + 1)/2, 0, 1): the \[0,1\] view every classifier and DISTS call sees.
 pub fn to_unit(x: &Tensor) -> Result<Tensor> {
     Ok(x.affine(0.5, 0.5)?.clamp(0f32, 1f32)?)
 }

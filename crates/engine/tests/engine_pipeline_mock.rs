@@ -291,8 +291,18 @@ fn gdm_pipeline_matches_a_hand_written_loop() {
         // k*+1 inversion rows, (start+1) × 2 sampling rows, one PSNR check per inversion step.
         assert_eq!(r.nfe.denoiser, k_star[i] + 1 + 2 * (start + 1));
         assert_eq!(r.nfe.classifier_backward, 4 * (start + 1));
+        // Prediction, unguided reference, synthesis (logits-L1 is always reported).
+        assert_eq!(r.nfe.classifier_forward, 3);
     }
     assert_batch_equals_singles(&det, &x, None, &out);
+    // Labels from the upstream: the input's own classifier pass is skipped (the unguided branch is
+    // the reference), and the results are those of the predicted labels.
+    let known: Vec<LabelId> = out.iter().map(|r| r.label).collect();
+    let again = det.score(&x, Some(&known)).unwrap();
+    for (a, r) in again.iter().zip(&out) {
+        assert_eq!(a.nfe.classifier_forward, 2);
+        assert!((a.score - r.score).abs() <= 1e-6);
+    }
 }
 
 #[test]

@@ -16,8 +16,8 @@ pub fn nearest_indices(in_size: usize, out_size: usize) -> Vec<u32> {
         .collect()
 }
 
-/// A crop followed by a nearest resize, as one gather per spatial axis: out[h, w] =
-/// x[rows[h], cols[w]]. Knows its own transpose so that gradients can be scattered back.
+/// A crop followed by a nearest resize, as one gather per spatial axis: out\[h, w\] =
+/// `x[rows[h], cols[w]]`. Knows its own transpose so that gradients can be scattered back.
 #[derive(Debug, Clone)]
 pub struct NearestGather {
     rows: Tensor,
