@@ -7,7 +7,8 @@ use candle_core::{DType, Result, Tensor};
 use diffguard_engine::ops::conv::conv2d;
 use ops_common::{autograd, check_grads, randn, rel_err};
 
-/// (batch, cin, cout, h, w, k, stride, pad)
+/// (batch, cin, cout, h, w, k, stride, pad). Stride-1 3×3 cases run the Winograd path, with odd
+/// output sizes so the 2×2 tiles overhang the image.
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 const CASES: &[Case] = &[
     (1, 3, 65, 7, 9, 3, 1, 1),
@@ -18,6 +19,9 @@ const CASES: &[Case] = &[
     (2, 65, 7, 5, 3, 1, 1, 0),
     (3, 6, 4, 7, 9, 1, 2, 0),
     (1, 3, 4, 4, 5, 3, 1, 2),
+    // 5×5: stride 1 takes the im2col forward and the flipped-kernel input grad without Winograd.
+    (2, 3, 4, 7, 6, 5, 1, 2),
+    (2, 3, 4, 7, 6, 5, 2, 1),
 ];
 
 fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
