@@ -7,7 +7,8 @@ use candle_core::{DType, Result, Tensor};
 use diffguard_engine::ops::conv::conv2d;
 use ops_common::{autograd, check_grads, randn, rel_err};
 
-/// (batch, cin, cout, h, w, k, stride, pad)
+/// (batch, cin, cout, h, w, k, stride, pad). Stride-1 3×3 cases run the Winograd path, with odd
+/// output sizes so the 2×2 tiles overhang the image.
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 const CASES: &[Case] = &[
     (1, 3, 65, 7, 9, 3, 1, 1),
@@ -18,6 +19,9 @@ const CASES: &[Case] = &[
     (2, 65, 7, 5, 3, 1, 1, 0),
     (3, 6, 4, 7, 9, 1, 2, 0),
     (1, 3, 4, 4, 5, 3, 1, 2),
+    // 5×5: stride 1 takes the im2col forward and the flipped-kernel input grad without Winograd.
+    (2, 3, 4, 7, 6, 5, 1, 2),
+    (2, 3, 4, 7, 9, 5, 2, 1),
 ];
 
 fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
@@ -119,4 +123,21 @@ fn frozen_weights_get_no_gradient_work() {
         gr.get(xr.as_tensor()).unwrap(),
     );
     assert!(err <= F64_TOL, "rel err {err}");
+}
+
+#[test]
+fn strided_gradient_with_uneven_remainders() {
+    // H and W leave different remainders modulo the stride ((7+2−5) mod 2 = 0, (6+2−5) mod 2 = 1).
+    // candle 0.11.1's own conv2d backward fails here with a shape mismatch (its conv_transpose2d
+    // output padding does not fit both dims), so only finite differences can judge ours.
+    let dims = [2, 3, 7, 6];
+    let ops = [
+        randn(500, &dims, DType::F64),
+        randn(501, &[4, 3, 5, 5], DType::F64),
+        randn(502, &[4], DType::F64),
+    ];
+    check_grads(&|t| conv2d(&t[0], &t[1], Some(&t[2]), 2, 1), &ops, 20);
+    let y = conv2d(&ops[0], &ops[1], Some(&ops[2]), 2, 1).unwrap();
+    let r = reference(&ops[0], &ops[1], &ops[2], 2, 1).unwrap();
+    assert!(rel_err(&y, &r) <= F64_TOL);
 }

@@ -8,6 +8,7 @@ use super::dense::{
     Mat, Parallelism, Real, by_dtype as dispatch, contiguous, fast_path, for_each_item, gemm,
     num_threads, with_scratch,
 };
+use super::winograd;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -92,6 +93,35 @@ impl Geom {
     }
     fn out_len(&self) -> usize {
         self.cout * self.n()
+    }
+    /// The Winograd F(2×2, 3×3) plan when this conv is 3×3 with stride 1.
+    fn winograd(&self) -> Option<winograd::Tiles> {
+        (self.kh == 3 && self.kw == 3 && self.stride == 1).then_some(winograd::Tiles {
+            cin: self.cin,
+            cout: self.cout,
+            h: self.h,
+            w: self.w,
+            pad: self.pad,
+            ho: self.ho,
+            wo: self.wo,
+        })
+    }
+    /// The conv whose output is this conv's input gradient (stride 1, square kernel, pad < k):
+    /// dY ⊛ flip(W)ᵀ with padding k−1−p maps (Cout, Ho, Wo) back to (Cin, H, W).
+    fn transposed(&self) -> Option<Self> {
+        (self.stride == 1 && self.kh == self.kw && self.pad < self.kh).then_some(Self {
+            batch: self.batch,
+            cin: self.cout,
+            h: self.ho,
+            w: self.wo,
+            cout: self.cin,
+            kh: self.kh,
+            kw: self.kw,
+            stride: 1,
+            pad: self.kh - 1 - self.pad,
+            ho: self.h,
+            wo: self.w,
+        })
     }
     /// A 1×1 stride-1 unpadded conv is a plain matmul on the image itself: no im2col needed.
     fn pointwise(&self) -> bool {
@@ -224,6 +254,9 @@ fn with_cols<T: Real, R>(
 
 fn forward<T: Real>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) -> Result<Vec<T>> {
     let mut out = vec![T::from_f64(0.0); g.batch * g.out_len()];
+    let wino = g
+        .winograd()
+        .map(|t| (t, winograd::transform_weights(w, g.cout, g.cin)));
     for_each_item(&mut out, g.batch, |i, y, par| {
         if let Some(bias) = bias {
             for (row, &b) in y.chunks_mut(g.n()).zip(bias) {
@@ -231,6 +264,9 @@ fn forward<T: Real>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) -> Result<Ve
             }
         }
         let x = &x[i * g.in_len()..(i + 1) * g.in_len()];
+        if let Some((tiles, u)) = &wino {
+            return winograd::conv_image(tiles, u, x, y, bias.is_some(), par);
+        }
         with_cols(g, x, par, |cols| {
             let wm = Mat::rows(w, g.k());
             gemm((g.cout, g.n(), g.k()), y, wm, cols, bias.is_some(), par)
@@ -239,8 +275,20 @@ fn forward<T: Real>(g: &Geom, x: &[T], w: &[T], bias: Option<&[T]>) -> Result<Ve
     Ok(out)
 }
 
-/// dx = col2im(Wᵀ · dY), per image.
+/// The input gradient. For stride 1 it is itself a stride-1 conv of dY with the flipped,
+/// in/out-swapped kernel and padding k−1−p, so it reuses the forward (Winograd for 3×3);
+/// otherwise dx = col2im(Wᵀ · dY) per image.
 fn input_grad<T: Real>(g: &Geom, dy: &[T], w: &[T]) -> Result<Vec<T>> {
+    if let Some(gt) = g.transposed() {
+        let taps = g.kh * g.kw;
+        let mut wf = vec![T::from_f64(0.0); w.len()];
+        for (co, ci, t) in (0..g.cout)
+            .flat_map(|co| (0..g.cin).flat_map(move |ci| (0..taps).map(move |t| (co, ci, t))))
+        {
+            wf[(ci * g.cout + co) * taps + (taps - 1 - t)] = w[(co * g.cin + ci) * taps + t];
+        }
+        return forward(&gt, dy, &wf, None);
+    }
     let mut dx = vec![T::from_f64(0.0); g.batch * g.in_len()];
     let wt = Mat::rows(w, g.k()).t();
     for_each_item(&mut dx, g.batch, |i, dx, par| {

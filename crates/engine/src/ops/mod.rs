@@ -7,3 +7,4 @@ mod dense;
 pub mod norm;
 pub mod pool;
 pub mod resize;
+mod winograd;
