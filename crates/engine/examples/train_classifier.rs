@@ -41,8 +41,11 @@ fn run() -> Result<(), String> {
         );
         for t in timings {
             println!(
-                "batch {:4}: {:.3} s/step, {:.1} images/s",
-                t.batch, t.secs_per_step, t.images_per_sec
+                "batch {:4}: {:.3} s/step wall, {:.1} images/s, {:.3} CPU-s/step",
+                t.batch,
+                t.secs_per_step,
+                t.images_per_sec,
+                t.cpu_secs_per_step.unwrap_or(f64::NAN)
             );
         }
         return Ok(());

@@ -239,6 +239,19 @@ pub struct StepTiming {
     pub batch: usize,
     pub secs_per_step: f64,
     pub images_per_sec: f64,
+    /// CPU seconds (all threads) per step: unlike wall time, stable on a loaded machine.
+    pub cpu_secs_per_step: Option<f64>,
+}
+
+/// CPU time of this process (user + system) from `/proc/self/stat`, where there is one.
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // Linux reports in USER_HZ, 100 on every mainstream architecture.
+    Some(ticks / 100.0)
 }
 
 /// Times `steps` training steps (after one warm-up step) for each batch size.
@@ -252,15 +265,18 @@ pub fn profile<O: Objective>(
         .map(|&b| {
             let mut t = make(b)?;
             t.train_step()?;
-            let start = Instant::now();
+            let (start, cpu0) = (Instant::now(), process_cpu_secs());
             for _ in 0..steps {
                 t.train_step()?;
             }
-            let s = start.elapsed().as_secs_f64() / steps.max(1) as f64;
+            let n = steps.max(1) as f64;
+            let s = start.elapsed().as_secs_f64() / n;
+            let cpu = process_cpu_secs().zip(cpu0).map(|(b, a)| (b - a) / n);
             Ok(StepTiming {
                 batch: b,
                 secs_per_step: s,
                 images_per_sec: b as f64 / s,
+                cpu_secs_per_step: cpu,
             })
         })
         .collect()
