@@ -139,21 +139,30 @@ pub fn router(model: Model) -> Router {
         .with_state(model)
 }
 
-fn bad(msg: impl std::fmt::Display) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        axum::Json(json!({"error": msg.to_string()})),
-    )
-        .into_response()
+/// A client error of the example server: 400 with `{"error": ...}`.
+struct Bad(String);
+
+impl IntoResponse for Bad {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": self.0})),
+        )
+            .into_response()
+    }
 }
 
-fn b64(s: &str) -> Result<Vec<u8>, Response> {
+fn bad(msg: impl std::fmt::Display) -> Bad {
+    Bad(msg.to_string())
+}
+
+fn b64(s: &str) -> Result<Vec<u8>, Bad> {
     base64::engine::general_purpose::STANDARD
         .decode(s)
         .map_err(|e| bad(format!("base64: {e}")))
 }
 
-fn classify(model: &Model, bytes: &[u8]) -> Result<Vec<f32>, Response> {
+fn classify(model: &Model, bytes: &[u8]) -> Result<Vec<f32>, Bad> {
     let img = decode(bytes, 4096 * 4096).map_err(bad)?;
     Ok(model.logits(&img))
 }
@@ -182,10 +191,10 @@ async fn dispatch(
     } else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    result.unwrap_or_else(|e| e)
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn torchserve(model: &Model, body: &[u8]) -> Result<Response, Response> {
+fn torchserve(model: &Model, body: &[u8]) -> Result<Response, Bad> {
     let p = softmax(&classify(model, body)?);
     let mut idx: Vec<usize> = (0..p.len()).collect();
     idx.sort_by(|a, b| p[*b].total_cmp(&p[*a]));
@@ -197,7 +206,7 @@ fn torchserve(model: &Model, body: &[u8]) -> Result<Response, Response> {
     Ok(axum::Json(Value::Object(top)).into_response())
 }
 
-fn kserve_v1(model: &Model, body: &[u8]) -> Result<Response, Response> {
+fn kserve_v1(model: &Model, body: &[u8]) -> Result<Response, Bad> {
     let v: Value = serde_json::from_slice(body).map_err(bad)?;
     let instances = v["instances"]
         .as_array()
@@ -213,7 +222,7 @@ fn kserve_v1(model: &Model, body: &[u8]) -> Result<Response, Response> {
     Ok(axum::Json(json!({"predictions": preds})).into_response())
 }
 
-fn oip_v2(model: &Model, body: &[u8]) -> Result<Response, Response> {
+fn oip_v2(model: &Model, body: &[u8]) -> Result<Response, Bad> {
     let v: Value = serde_json::from_slice(body).map_err(bad)?;
     let input = v["inputs"]
         .as_array()
@@ -241,13 +250,13 @@ fn custom_answer(model: &Model, logits: Vec<f32>) -> Response {
     .into_response()
 }
 
-fn custom_json(model: &Model, body: &[u8]) -> Result<Response, Response> {
+fn custom_json(model: &Model, body: &[u8]) -> Result<Response, Bad> {
     let v: Value = serde_json::from_slice(body).map_err(bad)?;
     let s = v["image"].as_str().ok_or_else(|| bad("missing image"))?;
     Ok(custom_answer(model, classify(model, &b64(s)?)?))
 }
 
-fn upload(model: &Model, headers: &HeaderMap, body: Bytes) -> Result<Response, Response> {
+fn upload(model: &Model, headers: &HeaderMap, body: Bytes) -> Result<Response, Bad> {
     let cfg = crate::config::RequestAdapterConfig::Multipart {
         field: "file".into(),
     };

@@ -70,9 +70,13 @@ impl Tiered {
         Some(s)
     }
 
-    /// Writes every tier; errors are counted and logged, never returned.
-    pub async fn put(&self, key: &VerdictKey, score: &Score) {
+    /// Writes the in-process tier.
+    pub async fn put_memory(&self, key: &VerdictKey, score: &Score) {
         let _ = self.memory.put(key, score).await;
+    }
+
+    /// Writes the Redis tier when configured; errors are counted and logged, never returned.
+    pub async fn put_remote(&self, key: &VerdictKey, score: &Score) {
         if let Some(r) = self.redis.as_deref()
             && let Err(e) = r.put(key, score).await
         {

@@ -33,6 +33,21 @@ pub use self::verdict::{CacheStatus, Outcome, Verdict, VerdictKey, VerdictReport
 use crate::cache::{MemoryStore, RedisStore, Tiered};
 use crate::config::Config;
 
+fn joined(label: u32, label_name: Option<String>, slot: queue::Slot) -> InstanceSlot {
+    // Already answered but not yet cached: served without scoring, i.e. a hit.
+    let cache = if slot.borrow().is_some() {
+        CacheStatus::Hit
+    } else {
+        CacheStatus::Miss
+    };
+    InstanceSlot {
+        label: Some(label),
+        label_name,
+        cache,
+        slot,
+    }
+}
+
 /// Shared state of every guarded route: detector, queue, cache, verdict ids, limits.
 pub struct Guard {
     detector: Arc<dyn Detector>,
@@ -128,13 +143,15 @@ impl Guard {
         logits: Option<Vec<f32>>,
     ) -> InstanceSlot {
         let key = VerdictKey::new(image_hash, label, &self.fingerprint);
+        // In-flight first: the follow-up fills the memory tier before it ends single-flight, so
+        // checking in this order never misses a verdict that is just being cached.
+        if let Some(slot) = self.queue.join(&key) {
+            return joined(label, label_name, slot);
+        }
         let cached = self
             .cache
             .get(&key)
-            .instrument(tracing::info_span!(
-                "cache",
-                diffguard.cache.hit = tracing::field::Empty
-            ))
+            .instrument(tracing::info_span!("cache"))
             .await;
         if let Some(score) = cached {
             return InstanceSlot::resolved(
@@ -150,12 +167,7 @@ impl Guard {
             logits,
         };
         match self.queue.submit(key, job, tracing::Span::current()) {
-            Submitted::Joined(slot) => InstanceSlot {
-                label: Some(label),
-                label_name,
-                cache: CacheStatus::Miss,
-                slot,
-            },
+            Submitted::Joined(slot) => joined(label, label_name, slot),
             Submitted::Leader(slot) => {
                 self.follow_up(key, slot.clone());
                 InstanceSlot {
@@ -176,8 +188,8 @@ impl Guard {
         }
     }
 
-    /// After the leader's job: cache the score, then end single-flight (in that order, so a
-    /// request arriving in between finds one or the other).
+    /// After the leader's job: fill the memory tier, end single-flight, then write Redis (which
+    /// may be slow or down and must not hold the key in flight).
     fn follow_up(&self, key: VerdictKey, mut slot: queue::Slot) {
         let (cache, queue) = (self.cache.clone(), self.queue.clone());
         tokio::spawn(async move {
@@ -186,10 +198,17 @@ impl Guard {
                 .await
                 .ok()
                 .and_then(|v| v.clone());
-            if let Some(Outcome::Scored(s)) = outcome {
-                cache.put(&key, &s).await;
+            let score = match outcome {
+                Some(Outcome::Scored(s)) => Some(s),
+                _ => None,
+            };
+            if let Some(s) = &score {
+                cache.put_memory(&key, s).await;
             }
             queue.finish(&key);
+            if let Some(s) = &score {
+                cache.put_remote(&key, s).await;
+            }
         });
     }
 

@@ -105,6 +105,15 @@ impl ScoringQueue {
         }
     }
 
+    /// The in-flight job for `key`, if any (counted as a single-flight join).
+    pub fn join(&self, key: &VerdictKey) -> Option<Slot> {
+        let slot = lock(&self.inflight).get(key).cloned();
+        if slot.is_some() {
+            metrics::counter!(metric::SINGLE_FLIGHT_JOINS).increment(1);
+        }
+        slot
+    }
+
     /// Ends single-flight for `key`; called once the outcome is in the cache.
     pub fn finish(&self, key: &VerdictKey) {
         lock(&self.inflight).remove(key);

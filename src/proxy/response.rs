@@ -54,7 +54,7 @@ pub fn extract_predictions(
                 .ok_or_else(|| missing(format!("{pointer} (integer)")))?;
             Ok(vec![Prediction {
                 label: UpstreamLabel::Index(i),
-                logits: logits.as_deref().and_then(|p| at(p)).and_then(floats),
+                logits: logits.as_deref().and_then(&at).and_then(floats),
             }])
         }
         ResponseAdapterConfig::PointerName { pointer, logits } => {
@@ -63,7 +63,7 @@ pub fn extract_predictions(
                 .ok_or_else(|| missing(format!("{pointer} (string)")))?;
             Ok(vec![Prediction {
                 label: UpstreamLabel::Name(s.into()),
-                logits: logits.as_deref().and_then(|p| at(p)).and_then(floats),
+                logits: logits.as_deref().and_then(&at).and_then(floats),
             }])
         }
         ResponseAdapterConfig::Argmax { pointer } => {

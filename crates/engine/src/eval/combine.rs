@@ -158,12 +158,14 @@ fn grid_ranks(scores: &[f64], max_grid: usize) -> (usize, Vec<usize>) {
 
 /// The threshold-envelope oracle for detectors A and B (spec §8.4): for every pair of thresholds
 /// (θa, θb) from each detector's grid (all distinct scores, thinned to `max_grid` if more), an
-/// image is accepted iff a ≥ θa and b ≥ θb; the result is the best TPR at each FPR (running
-/// maximum, so the curve is monotone) and its trapezoidal AUROC and FPR@95. Because either grid
-/// contains "accept all", each detector's own ROC points are among the candidates.
+/// image is accepted iff a ≥ θa and b ≥ θb; the result is the best TPR reachable at each FPR
+/// (a non-decreasing staircase) and its AUROC and FPR@95. Because either grid contains "accept
+/// all", each detector's own ROC points are among the candidates, so with distinct scores the
+/// envelope's AUROC is at least each detector's and its FPR@95 at most each detector's.
 ///
 /// Ties: where a detector's ROC has a diagonal segment (a tie between InD and OOD scores), the
-/// envelope through its end points may fall below it; with distinct scores it never does.
+/// staircase through its end points falls below that diagonal, so the envelope can then score a
+/// little under the tied detector's tie-aware AUROC.
 pub fn threshold_envelope(
     a_ind: &[f64],
     b_ind: &[f64],
@@ -221,14 +223,22 @@ pub fn threshold_envelope(
     let mut env = Envelope {
         auroc: 0.0,
         fpr_at_95: 1.0,
-        fpr: Vec::new(),
-        tpr: Vec::new(),
+        fpr: vec![0.0],
+        tpr: vec![0.0],
     };
+    // The achievable staircase: from one best point to the next, FPR grows first (the extra OOD
+    // images are accepted) and TPR only then. Joining the best points by diagonals instead would
+    // credit operating points no threshold pair reaches and overstate even a single detector.
     let mut running = 0;
     for (k, t) in best.iter().enumerate() {
         if let Some(t) = *t {
+            let fpr = k as f64 / n_ood as f64;
+            if t > running && k > 0 {
+                env.fpr.push(fpr);
+                env.tpr.push(running as f64 / n_ind as f64);
+            }
             running = running.max(t);
-            env.fpr.push(k as f64 / n_ood as f64);
+            env.fpr.push(fpr);
             env.tpr.push(running as f64 / n_ind as f64);
         }
     }

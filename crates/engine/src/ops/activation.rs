@@ -2,7 +2,7 @@
 //! calls scalar libm `exp` on one thread (1.5 ms vs PyTorch's 0.22 ms for 1M elements,
 //! candle-notes §4). Other devices and dtypes use candle's op.
 
-use super::dense::{Real, by_dtype, contiguous, fast_path, par_map};
+use super::dense::{Real, by_dtype, contiguous, fast_path, par_map, simd_kernel};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 /// x·σ(x), differentiable.
@@ -21,6 +21,22 @@ pub(crate) fn silu_grad<T: Real>(z: T) -> T {
     s * (one + z * (one - s))
 }
 
+simd_kernel! {
+    fn silu_in_place<T>(xs: &mut [T]) {
+        for v in xs.iter_mut() {
+            *v *= v.sigmoid();
+        }
+    }
+}
+
+simd_kernel! {
+    fn silu_backward<T>(dy_to_dx: &mut [T], x: &[T]) {
+        for (d, &z) in dy_to_dx.iter_mut().zip(x) {
+            *d *= silu_grad(z);
+        }
+    }
+}
+
 struct Silu;
 
 impl CustomOp1 for Silu {
@@ -30,11 +46,7 @@ impl CustomOp1 for Silu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(x: &[T]) -> Result<Vec<T>> {
             let mut y = x.to_vec();
-            par_map(&mut y, |_, c| {
-                for v in c.iter_mut() {
-                    *v *= v.sigmoid();
-                }
-            });
+            par_map(&mut y, |_, c| silu_in_place(c));
             Ok(y)
         }
         let shape = l.shape().clone();
@@ -66,11 +78,7 @@ impl CustomOp2 for SiluGrad {
     ) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(x: &[T], dy: &[T]) -> Result<Vec<T>> {
             let mut dx = dy.to_vec();
-            par_map(&mut dx, |start, c| {
-                for (d, &z) in c.iter_mut().zip(&x[start..]) {
-                    *d *= silu_grad(z);
-                }
-            });
+            par_map(&mut dx, |start, c| silu_backward(c, &x[start..]));
             Ok(dx)
         }
         if lx.dims() != ldy.dims() {

@@ -6,8 +6,8 @@
 //! `ROWS × Tk` per thread, never `Tq × Tk` for the whole batch.
 
 use super::dense::{
-    Mat, Parallelism, Real, by_dtype, contiguous, fast_path, for_each_item, gemm, sum_by,
-    with_scratch, with_simd,
+    Mat, Parallelism, Real, by_dtype, contiguous, dot_by, fast_path, for_each_item, gemm,
+    simd_kernel, sum_by, with_scratch,
 };
 use candle_core::{CpuStorage, CustomOp3, D, Layout, Result, Shape, Tensor, bail};
 
@@ -97,18 +97,7 @@ fn probabilities<T: Real>(
         false,
         par,
     )?;
-    with_simd(|| {
-        for row in p.chunks_mut(d.tk) {
-            let max = row.iter().fold(row[0], |m, &x| Real::max(m, x));
-            for x in row.iter_mut() {
-                *x = ((*x - max) * scale).exp();
-            }
-            let inv = T::from_f64(1.0) / sum_by(row, |x| x);
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
-        }
-    });
+    softmax_rows(p, d.tk, scale);
     Ok(())
 }
 
@@ -192,19 +181,32 @@ fn backward<T: Real>(d: &Dims, q: &[T], k: &[T], v: &[T], dout: &[T], scale: T) 
     Ok(grads)
 }
 
-/// Overwrites `p` with dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), row by row.
-fn score_grad<T: Real>(p: &mut [T], dp: &[T], tk: usize, scale: T) {
-    with_simd(|| {
-        for (p, dp) in p.chunks_mut(tk).zip(dp.chunks(tk)) {
-            let mut dot = T::from_f64(0.0);
-            for (&a, &b) in p.iter().zip(dp) {
-                dot += a * b;
+simd_kernel! {
+    /// Each `tk`-long row of `p` becomes softmax(scale · row).
+    fn softmax_rows<T>(p: &mut [T], tk: usize, scale: T) {
+        for row in p.chunks_mut(tk) {
+            let max = row.iter().fold(row[0], |m, &x| Real::max(m, x));
+            for x in row.iter_mut() {
+                *x = ((*x - max) * scale).exp();
             }
+            let inv = T::from_f64(1.0) / sum_by(row, |x| x);
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Overwrites `p` with dS = s·P ⊙ (dP − rowsum(dP ⊙ P)), row by row.
+    fn score_grad<T>(p: &mut [T], dp: &[T], tk: usize, scale: T) {
+        for (p, dp) in p.chunks_mut(tk).zip(dp.chunks(tk)) {
+            let dot = dot_by(p, dp, |a, b| a * b);
             for (p, &dp) in p.iter_mut().zip(dp) {
                 *p = scale * *p * (dp - dot);
             }
         }
-    });
+    }
 }
 
 struct Attention {

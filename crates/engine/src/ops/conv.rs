@@ -173,8 +173,8 @@ fn im2col<T: Real>(g: &Geom, x: &[T], cols: &mut [T], par: Parallelism) {
             if s == 1 {
                 d[lo..hi].copy_from_slice(&src[ix..ix + (hi - lo)]);
             } else {
-                for (o, v) in d[lo..hi].iter_mut().enumerate() {
-                    *v = src[ix + o * s];
+                for (v, &x) in d[lo..hi].iter_mut().zip(src[ix..].iter().step_by(s)) {
+                    *v = x;
                 }
             }
         })
@@ -192,8 +192,14 @@ fn col2im<T: Real>(g: &Geom, cols: &[T], dx: &mut [T], par: Parallelism) {
             let Some(start) = input else { return };
             let src = &cols[at + lo..at + hi];
             let dst = &mut dx[start..start + g.w];
-            for (o, v) in src.iter().enumerate() {
-                dst[ix + o * s] += *v;
+            if s == 1 {
+                for (d, &v) in dst[ix..ix + src.len()].iter_mut().zip(src) {
+                    *d += v;
+                }
+            } else {
+                for (d, &v) in dst[ix..].iter_mut().step_by(s).zip(src) {
+                    *d += v;
+                }
             }
         })
     });

@@ -68,20 +68,39 @@ pub(crate) fn sum_by<T: Real>(xs: &[T], f: impl Fn(T) -> T) -> T {
     acc.iter().fold(tail, |s, &x| s + x)
 }
 
+/// Σ f(a, b) over the pairs of two equally long slices, vectorisable like [`sum_by`].
+#[inline(always)]
+pub(crate) fn dot_by<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let zero = T::from_f64(0.0);
+    let mut acc = [zero; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(zero, |s, (&x, &y)| s + f(x, y));
+    for (ca, cb) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += f(x, y);
+        }
+    }
+    acc.iter().fold(tail, |s, &x| s + x)
+}
+
 /// Element-wise kernels run in chunks of this many elements: big enough to amortise a rayon
 /// task, small enough that 1M-element maps split across threads.
 pub(crate) const MAP_CHUNK: usize = 1 << 15;
 
-/// Runs `f(start, chunk)` over `MAP_CHUNK`-sized pieces of `out` in parallel, each compiled for
-/// the CPU's vector unit.
+/// Runs `f(start, chunk)` over `MAP_CHUNK`-sized pieces of `out`, in parallel when more than one
+/// thread is configured (`f` should call a [`simd_kernel`]).
 pub(crate) fn par_map<T: Send>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
     use rayon::prelude::*;
     if out.len() <= MAP_CHUNK || num_threads() == 1 {
-        return with_simd(|| f(0, out));
+        return f(0, out);
     }
     out.par_chunks_mut(MAP_CHUNK)
         .enumerate()
-        .for_each(|(i, c)| with_simd(|| f(i * MAP_CHUNK, c)));
+        .for_each(|(i, c)| f(i * MAP_CHUNK, c));
 }
 
 /// Branch-free `exp` for f32 (Cephes `expf` polynomial on a range-reduced argument), relative
@@ -92,7 +111,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E).round();
+    // Round to nearest by the 1.5·2²³ trick: plain float adds, so it vectorises even on SSE2
+    // (`f32::round` is a libm call there).
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * LOG2E + MAGIC) - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -101,37 +123,52 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // Wrapping ops: no overflow-check branches (dev builds) to block vectorisation; n ∈ [-126, 127].
+    let scale = f32::from_bits(((n as i32).wrapping_add(127) as u32).wrapping_shl(23));
     e * scale
 }
 
-/// Runs `f` compiled for the widest vector unit the CPU has (the crate itself targets baseline
-/// x86-64, i.e. SSE2). `f` must be `#[inline]`-able: its body is inlined into the wrapper and
-/// picks up the wrapper's target features.
-#[inline(always)]
-pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
+/// Defines a generic kernel `fn name<T: Real>(args) -> R` whose body is compiled three times
+/// (AVX-512, AVX2+FMA, baseline) and picked at run time: the crate targets baseline x86-64 (SSE2),
+/// and LLVM only vectorises `exp`/FMA-heavy loops well with the wider units. The body lives in an
+/// `#[inline(always)]` function called directly from each `#[target_feature]` wrapper, so it is
+/// always compiled with that wrapper's features (a closure passed to a wrapper may stay out of line).
+macro_rules! simd_kernel {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<$T:ident>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name<$T: $crate::ops::dense::Real>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn kernel<$T: $crate::ops::dense::Real>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512<$T: $crate::ops::dense::Real>($($arg: $ty),*) $(-> $ret)? {
+                    kernel($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx2<$T: $crate::ops::dense::Real>($($arg: $ty),*) $(-> $ret)? {
+                    kernel($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU was just checked to support the enabled features.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            kernel($($arg),*)
         }
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU was just checked to support the enabled features.
-            return unsafe { avx512(f) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { avx2(f) };
-        }
-    }
-    f()
+    };
 }
+pub(crate) use simd_kernel;
 
 /// The data of a contiguous CPU tensor (offset applied). The op wrappers make every operand
 /// contiguous before applying the op, so anything else is a bug in the wrapper.

@@ -4,7 +4,8 @@
 //! Other devices and dtypes use candle's GroupNorm (+ SiLU).
 
 use super::activation::silu_grad;
-use super::dense::{Real, by_dtype, contiguous, fast_path, sum_by, with_simd};
+use super::dense::dot_by;
+use super::dense::{Real, by_dtype, contiguous, fast_path, simd_kernel, sum_by};
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -68,34 +69,16 @@ impl GroupNorm {
         })
     }
 
-    /// Mean and 1/σ of one block (two passes: the one-pass E[x²]−E[x]² loses digits in f32).
-    fn stats<T: Real>(&self, block: &[T]) -> (T, T) {
-        let n = T::from_f64(block.len().max(1) as f64);
-        let mean = sum_by(block, |v| v) / n;
-        let var = sum_by(block, |v| (v - mean) * (v - mean)) / n;
-        let one = T::from_f64(1.0);
-        (mean, one / (var + T::from_f64(self.eps)).sqrt())
-    }
-
     fn forward<T: Real>(&self, x: &[T], gamma: &[T], beta: &[T], d: Dims) -> Vec<T> {
         let mut y = x.to_vec();
         let block = d.cg * d.hw;
         if block == 0 {
             return y;
         }
+        let eps = T::from_f64(self.eps);
         y.par_chunks_mut(block).enumerate().for_each(|(i, y)| {
-            with_simd(|| {
-                let (mean, rstd) = self.stats(y);
-                let c0 = (i % self.groups) * d.cg;
-                for (ch, y) in y.chunks_mut(d.hw).enumerate() {
-                    let a = rstd * gamma[c0 + ch];
-                    let b = beta[c0 + ch] - mean * a;
-                    for v in y.iter_mut() {
-                        let z = *v * a + b;
-                        *v = if self.silu { z * z.sigmoid() } else { z };
-                    }
-                }
-            })
+            let c = (i % self.groups) * d.cg..(i % self.groups + 1) * d.cg;
+            block_forward(y, &gamma[c.clone()], &beta[c], d.hw, eps, self.silu)
         });
         y
     }
@@ -105,6 +88,7 @@ impl GroupNorm {
         let zero = T::from_f64(0.0);
         let (gamma, beta) = gb.split_at(d.c);
         let block = d.cg * d.hw;
+        let eps = T::from_f64(self.eps);
         let mut out = vec![zero; x.len() + 2 * d.c];
         let (dx, dgb) = out.split_at_mut(x.len());
         if block == 0 {
@@ -116,11 +100,11 @@ impl GroupNorm {
             .zip(partial.par_chunks_mut(2 * d.cg))
             .enumerate()
             .for_each(|(i, (dx, part))| {
-                with_simd(|| {
-                    let xs = &x[i * block..(i + 1) * block];
-                    let dys = &dy[i * block..(i + 1) * block];
-                    self.block_backward(xs, dys, gamma, beta, (i % self.groups) * d.cg, d, dx, part)
-                })
+                let c = (i % self.groups) * d.cg..(i % self.groups + 1) * d.cg;
+                let xs = &x[i * block..(i + 1) * block];
+                let dys = &dy[i * block..(i + 1) * block];
+                let (gamma, beta) = (&gamma[c.clone()], &beta[c]);
+                block_backward(xs, dys, gamma, beta, d.hw, eps, self.silu, dx, part)
             });
         let (dgamma, dbeta) = dgb.split_at_mut(d.c);
         for (i, part) in partial.chunks(2 * d.cg).enumerate() {
@@ -131,55 +115,6 @@ impl GroupNorm {
             }
         }
         out
-    }
-
-    /// One (image, group) block. With z = x̂·γ + β and dz = dy·silu'(z) (or dy):
-    /// dγ = Σ dz·x̂, dβ = Σ dz, dx = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)) with g = dz·γ.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn block_backward<T: Real>(
-        &self,
-        x: &[T],
-        dy: &[T],
-        gamma: &[T],
-        beta: &[T],
-        c0: usize,
-        d: Dims,
-        dx: &mut [T],
-        part: &mut [T],
-    ) {
-        let (mean, rstd) = self.stats(x);
-        let (mut m1, mut m2) = (T::from_f64(0.0), T::from_f64(0.0));
-        for ch in 0..d.cg {
-            let (g, b) = (gamma[c0 + ch], beta[c0 + ch]);
-            let range = ch * d.hw..(ch + 1) * d.hw;
-            let (mut sg, mut sb) = (T::from_f64(0.0), T::from_f64(0.0));
-            for ((dx, &x), &dy) in dx[range.clone()]
-                .iter_mut()
-                .zip(&x[range.clone()])
-                .zip(&dy[range])
-            {
-                let xh = (x - mean) * rstd;
-                let dz = if self.silu {
-                    dy * silu_grad(xh * g + b)
-                } else {
-                    dy
-                };
-                sg += dz * xh;
-                sb += dz;
-                *dx = dz * g;
-                m1 += *dx;
-                m2 += *dx * xh;
-            }
-            part[ch] = sg;
-            part[d.cg + ch] = sb;
-        }
-        let n = T::from_f64(x.len() as f64);
-        let (m1, m2) = (m1 / n, m2 / n);
-        for (dx, &x) in dx.iter_mut().zip(x) {
-            let xh = (x - mean) * rstd;
-            *dx = rstd * (*dx - m1 - xh * m2);
-        }
     }
 }
 
@@ -295,5 +230,81 @@ impl CustomOp3 for GroupNormGrad {
                 ))
             },
         )
+    }
+}
+
+/// Mean and 1/σ of one block (two passes: the one-pass E[x²]−E[x]² loses digits in f32).
+#[inline(always)]
+fn stats<T: Real>(block: &[T], eps: T) -> (T, T) {
+    let n = T::from_f64(block.len().max(1) as f64);
+    let mean = sum_by(block, |v| v) / n;
+    let var = sum_by(block, |v| (v - mean) * (v - mean)) / n;
+    (mean, T::from_f64(1.0) / (var + eps).sqrt())
+}
+
+simd_kernel! {
+    /// Normalises one (image, group) block in place; `gamma`/`beta` are the group's channels.
+    fn block_forward<T>(y: &mut [T], gamma: &[T], beta: &[T], hw: usize, eps: T, silu: bool) {
+        let (mean, rstd) = stats(y, eps);
+        for ((y, &g), &b) in y.chunks_mut(hw).zip(gamma).zip(beta) {
+            let a = rstd * g;
+            let b = b - mean * a;
+            if silu {
+                for v in y.iter_mut() {
+                    let z = *v * a + b;
+                    *v = z * z.sigmoid();
+                }
+            } else {
+                for v in y.iter_mut() {
+                    *v = *v * a + b;
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// One (image, group) block of the backward. With z = x̂·γ + β and dz = dy·silu'(z) (or dy):
+    /// dγ = Σ dz·x̂, dβ = Σ dz (into `part = [dγ | dβ]` for the group's channels), and
+    /// dx = (1/σ)·(g − mean(g) − x̂·mean(g·x̂)) with g = dz·γ.
+    fn block_backward<T>(
+        x: &[T],
+        dy: &[T],
+        gamma: &[T],
+        beta: &[T],
+        hw: usize,
+        eps: T,
+        silu: bool,
+        dx: &mut [T],
+        part: &mut [T],
+    ) {
+        let (mean, rstd) = stats(x, eps);
+        let cg = gamma.len();
+        let zero = T::from_f64(0.0);
+        let (mut m1, mut m2) = (zero, zero);
+        for ch in 0..cg {
+            let (g, b) = (gamma[ch], beta[ch]);
+            let r = ch * hw..(ch + 1) * hw;
+            let (dx, x, dy) = (&mut dx[r.clone()], &x[r.clone()], &dy[r]);
+            // dz (times γ, i.e. g) goes into dx first; the sums use 16-lane accumulators.
+            for ((d, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                let dz = if silu { dy * silu_grad((x - mean) * rstd * g + b) } else { dy };
+                *d = dz;
+            }
+            let sb = sum_by(dx, |v| v);
+            let sg = dot_by(dx, x, |dz, x| dz * (x - mean) * rstd);
+            part[ch] = sg;
+            part[cg + ch] = sb;
+            m1 += sb * g;
+            m2 += sg * g;
+            for d in dx.iter_mut() {
+                *d *= g;
+            }
+        }
+        let n = T::from_f64(x.len() as f64);
+        let (m1, m2) = (m1 / n, m2 / n);
+        for (d, &x) in dx.iter_mut().zip(x) {
+            *d = rstd * (*d - m1 - (x - mean) * rstd * m2);
+        }
     }
 }
