@@ -111,11 +111,15 @@ impl AdamW {
         self.t
     }
 
-    /// One update from `grads`; returns the global gradient norm before clipping.
-    pub fn step(&mut self, grads: &GradStore) -> Result<f64> {
-        let norm = self.grad_norm(grads)?;
-        let clip = match self.params.max_grad_norm {
-            Some(max) if norm > max => max / (norm + 1e-6),
+    /// One update from `grads`; returns the global gradient norm before clipping when clipping
+    /// is on (computing it costs a device sync per tensor, so it is skipped otherwise).
+    pub fn step(&mut self, grads: &GradStore) -> Result<Option<f64>> {
+        let norm = match self.params.max_grad_norm {
+            Some(_) => Some(self.grad_norm(grads)?),
+            None => None,
+        };
+        let clip = match (self.params.max_grad_norm, norm) {
+            (Some(max), Some(n)) if n > max => max / (n + 1e-6),
             _ => 1.0,
         };
         self.t += 1;
@@ -266,21 +270,40 @@ mod tests {
     }
 
     #[test]
-    fn clipping_bounds_the_first_step() {
-        // With clipping the first Adam step is still ±lr per coordinate (Adam is scale-free), so
-        // check instead that the reported norm is the unclipped one and parameters stay finite.
+    fn clipping_rescales_the_gradient_to_the_max_norm() {
+        // grad of Σw² at w = (3, 4) is (6, 8), norm 10. Clipped to 1 it must act exactly like
+        // the loss Σw²/10 without clipping (up to the 1e-6 guard in the clip factor).
         let dev = Device::Cpu;
-        let var = Var::from_tensor(&Tensor::new(&[[3f32, 4.]], &dev).unwrap()).unwrap();
-        let params = AdamWParams {
-            max_grad_norm: Some(1.0),
-            ..AdamWParams::default()
+        let run = |clip: Option<f64>, scale: f64| {
+            let var = Var::from_tensor(&Tensor::new(&[[3f32, 4.]], &dev).unwrap()).unwrap();
+            let params = AdamWParams {
+                max_grad_norm: clip,
+                ..AdamWParams::default()
+            };
+            let mut opt = AdamW::from_named(vec![("w".into(), var.clone())], params).unwrap();
+            let loss = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * scale).unwrap();
+            let norm = opt.step(&loss.backward().unwrap()).unwrap();
+            let m: Vec<f32> = opt.state_tensors()[0]
+                .1
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (norm, m)
         };
-        let mut opt = AdamW::from_named(vec![("w".into(), var.clone())], params).unwrap();
-        let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
-        let norm = opt.step(&loss.backward().unwrap()).unwrap();
+        let (norm, clipped) = run(Some(1.0), 1.0);
+        let (none, scaled) = run(None, 0.1);
+        assert!((norm.unwrap() - 10.0).abs() < 1e-5, "{norm:?}");
+        assert_eq!(none, None);
+        for (a, b) in clipped.iter().zip(&scaled) {
+            assert!(
+                (a - b).abs() < 1e-6 * b.abs().max(1e-3),
+                "{clipped:?} vs {scaled:?}"
+            );
+        }
         assert!(
-            (norm - 10.0).abs() < 1e-5,
-            "grad is 2w = (6, 8), norm 10, got {norm}"
+            (clipped[0] - 0.06).abs() < 1e-6,
+            "m = (1-β1)·g·clip = 0.1·6/10"
         );
     }
 }

@@ -22,6 +22,7 @@ pub mod data;
 pub mod ema;
 pub mod init;
 pub mod objective;
+pub mod recipes;
 pub mod rng;
 pub mod trainer;
 
