@@ -112,10 +112,12 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 /// Sends an OOD image with a client `traceparent` through a guard exporting to `endpoint`, then
 /// checks what the receiver got and what the upstream saw.
 pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
-    let mut tcfg = diffguard::config::TelemetryConfig::default();
-    tcfg.otlp_endpoint = Some(endpoint);
-    tcfg.otlp_protocol = Some(protocol.to_string());
-    tcfg.log_filter = "warn".into();
+    let tcfg = diffguard::config::TelemetryConfig {
+        otlp_endpoint: Some(endpoint),
+        otlp_protocol: Some(protocol.to_string()),
+        log_filter: "warn".into(),
+        ..Default::default()
+    };
     let telemetry = diffguard::telemetry::init(&tcfg).unwrap();
     assert!(telemetry.exporting());
 
