@@ -23,6 +23,10 @@ fn free_port() -> u16 {
 
 impl RedisProc {
     fn start_on(port: u16) -> Option<Self> {
+        Self::spawn(port, &[])
+    }
+
+    fn spawn(port: u16, extra: &[&str]) -> Option<Self> {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -34,6 +38,7 @@ impl RedisProc {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -271,4 +276,129 @@ async fn redis_absent_at_start_tls_and_cluster_urls_degrade_to_memory() {
             "{url}: readiness reports Redis down"
         );
     }
+}
+
+/// A free port whose cluster bus port (+10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 50_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_tier_shares_verdicts() {
+    if RedisProc::start().is_none() {
+        eprintln!("SKIPPED: redis-server is not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("diffguard-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nodes: Vec<RedisProc> = (0..3)
+        .map(|i| {
+            let port = cluster_port();
+            let conf = dir.join(format!("nodes-{i}-{port}.conf"));
+            let d = dir.to_str().unwrap().to_string();
+            RedisProc::spawn(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf.to_str().unwrap(),
+                    "--dir",
+                    &d,
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !created.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: redis-cli --cluster create failed");
+        return;
+    }
+    wait_until("cluster state ok", || {
+        nodes.iter().all(|n| {
+            redis::Client::open(n.url())
+                .ok()
+                .and_then(|c| {
+                    c.get_connection_with_timeout(Duration::from_millis(200))
+                        .ok()
+                })
+                .and_then(|mut c| {
+                    redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query::<String>(&mut c)
+                        .ok()
+                })
+                .is_some_and(|info| info.contains("cluster_state:ok"))
+        })
+    })
+    .await;
+    let section = format!(
+        "{}\ncluster = true\ncluster_nodes = [\"redis://{}\"]",
+        redis_section(&nodes[0].url()),
+        addrs[1]
+    );
+    let up = Upstream::example().await;
+    let images: Vec<Vec<u8>> = (0..6u8).map(|i| png(28, 28, 40 + i)).collect();
+
+    let mut a = guard()
+        .with(&section)
+        .route(&up, ROUTE)
+        .start(TestDetector::new())
+        .await;
+    for img in &images {
+        assert_eq!(
+            a.post("/predictions/m", "image/png", img.clone())
+                .await
+                .h("diffguard-cache"),
+            Some("miss")
+        );
+    }
+    wait_until("all verdicts in the cluster", || {
+        nodes.iter().map(|n| n.keys("dgtest:*")).sum::<usize>() == images.len()
+    })
+    .await;
+    a.stop().await;
+
+    let det = TestDetector::new();
+    let b = guard()
+        .with(&section)
+        .route(&up, ROUTE)
+        .start(det.clone())
+        .await;
+    // The cluster connection is made in the background; readiness says when it is up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.ops("/readyz").await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "guard never connected to the cluster"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for img in &images {
+        assert_eq!(
+            b.post("/predictions/m", "image/png", img.clone())
+                .await
+                .h("diffguard-cache"),
+            Some("hit")
+        );
+    }
+    assert_eq!(det.jobs(), 0);
+    drop(nodes);
+    let _ = std::fs::remove_dir_all(&dir);
 }

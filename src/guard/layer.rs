@@ -445,17 +445,19 @@ fn record_outcome(route: &RouteGuard, report: &VerdictReport) {
         metrics::counter!(metric::VERDICTS, "route" => route.name.clone(), "label" => label, "verdict" => i.verdict.as_str(), "mode" => mode.clone()).increment(1);
     }
     if report.verdict == Verdict::Ood {
-        let ood: Vec<&super::verdict::InstanceReport> = report
-            .instances
-            .iter()
-            .filter(|i| i.verdict == Verdict::Ood)
-            .collect();
+        let ood = |i: &super::verdict::InstanceReport| i.verdict == Verdict::Ood;
+        let labels = join(report, |i| {
+            ood(i).then(|| i.label.map(|l| l.to_string())).flatten()
+        });
+        let scores = join(report, |i| {
+            ood(i).then_some(i.score).flatten().map(|s| s.to_string())
+        });
         tracing::warn!(
             diffguard.id = %report.id,
             diffguard.route = %report.route,
             diffguard.mode = %mode,
-            diffguard.label = ?ood.iter().map(|i| i.label).collect::<Vec<_>>(),
-            diffguard.score = ?ood.iter().map(|i| i.score).collect::<Vec<_>>(),
+            diffguard.label = %labels,
+            diffguard.score = %scores,
             "diffguard.ood"
         );
     }

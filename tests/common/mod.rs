@@ -2,6 +2,8 @@
 //! test detector (the `Detector` trait is the seam; its verdicts are controlled here).
 #![allow(dead_code)]
 
+pub mod otlp;
+
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::net::SocketAddr;

@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build: compile in the Rust image, run in debian-slim as a non-root user.
+#   docker build -t diffguard .
+#   docker run -p 8080:8080 -p 9090:9090 diffguard            # embedded default config
+#   docker run -v $PWD/config:/etc/diffguard diffguard serve --config /etc/diffguard/redis.toml
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+# rust-toolchain.toml pins 1.95.0; the image already has it, so rustup does not download.
+COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
+COPY crates ./crates
+COPY src ./src
+COPY examples ./examples
+COPY config ./config
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p diffguard --bin diffguard --example upstream \
+ && mkdir -p /out \
+ && cp target/release/diffguard /out/diffguard \
+ && cp target/release/examples/upstream /out/diffguard-upstream
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin diffguard
+COPY --from=build /out/diffguard /out/diffguard-upstream /usr/local/bin/
+COPY config /etc/diffguard
+USER 10001
+# Inside a container the guard must listen beyond loopback.
+ENV DIFFGUARD_LISTEN=0.0.0.0:8080 \
+    DIFFGUARD_OPS_LISTEN=0.0.0.0:9090 \
+    RUST_LOG=info
+EXPOSE 8080 9090
+ENTRYPOINT ["/usr/local/bin/diffguard"]
+CMD ["serve"]
