@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;

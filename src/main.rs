@@ -44,6 +44,9 @@ enum Command {
     },
     /// Print the OpenAPI document of the verdict and ops endpoints.
     Openapi,
+    /// List the weight files a recipe needs, where they are looked for, what is found and where
+    /// to download each; `models fetch` downloads the missing ones.
+    Models(diffguard::cli::models::ModelsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -89,6 +92,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(cfg).await
         }
         Command::Demo { wait_ms } => demo(wait_ms).await,
+        Command::Models(args) => {
+            tokio::task::spawn_blocking(move || diffguard::cli::models::run(&args)).await?
+        }
         Command::Openapi => {
             println!(
                 "{}",
