@@ -157,7 +157,15 @@ fn verify_lists_the_mismatched_tensors() {
         .find(|l| l.starts_with("classifier"))
         .unwrap();
     assert!(row.contains("mismatch"), "{row}");
-    assert!(stdout.contains("layer1.1.conv1.weight"), "{stdout}");
+    // ResNet-50 has [3, 4, 6, 3] blocks, the golden one per stage: 12 blocks x 15 tensors.
+    assert!(
+        stdout.contains("180 missing (layer1.1.bn1.bias, "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("2 wrong shape (fc.bias model [1000] vs file [10]"),
+        "{stdout}"
+    );
 }
 
 #[test]

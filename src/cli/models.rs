@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use diffguard_engine::models::catalog::{
-    self, FileReport, MODELS_ENV, ModelFile, SearchPaths, Status, Verification, Via,
+    self, FileReport, MODELS_ENV, ModelFile, PartMismatch, SearchPaths, Status, Verification, Via,
 };
 
 /// Arguments of `diffguard models`.
@@ -183,8 +183,7 @@ pub fn table(r: &RecipeReport) -> String {
         for (cell, w) in row.iter().zip(&widths) {
             let _ = write!(line, "{cell:<w$}  ");
         }
-        out.push_str(line.trim_end());
-        out.push(' ');
+        out.push_str(&line);
         out.push_str(&row[4]);
         out.push('\n');
         if i > 0 {
@@ -224,7 +223,7 @@ fn details(f: &FileReport) -> String {
     match &f.verification {
         Some(Verification::Mismatch { parts }) => {
             for p in parts {
-                let _ = writeln!(out, "    {} (prefix `{}`): {}", p.part, p.prefix, p.summary);
+                let _ = writeln!(out, "    {}: {}", part_label(p), short(p));
             }
         }
         Some(Verification::Unreadable { error }) => {
@@ -233,6 +232,41 @@ fn details(f: &FileReport) -> String {
         _ => {}
     }
     out
+}
+
+fn part_label(p: &PartMismatch) -> String {
+    if p.prefix.is_empty() {
+        p.part.clone()
+    } else {
+        format!("{} (under `{}`)", p.part, p.prefix)
+    }
+}
+
+/// Names listed per kind in the table; `--json` has them all.
+const SHOWN: usize = 4;
+
+fn short(p: &PartMismatch) -> String {
+    fn list<T>(title: &str, items: &[T], show: impl Fn(&T) -> String) -> Option<String> {
+        if items.is_empty() {
+            return None;
+        }
+        let mut names: Vec<String> = items.iter().take(SHOWN).map(show).collect();
+        if items.len() > SHOWN {
+            names.push(format!("… {} more", items.len() - SHOWN));
+        }
+        Some(format!("{} {title} ({})", items.len(), names.join(", ")))
+    }
+    [
+        list("missing", &p.missing, String::clone),
+        list("wrong shape", &p.wrong_shape, |w| {
+            format!("{} model {:?} vs file {:?}", w.name, w.model, w.checkpoint)
+        }),
+        list("unexpected", &p.unexpected, String::clone),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join("; ")
 }
 
 /// The distinct directories of the tried paths, in order (the full list is in `--json`).
