@@ -227,6 +227,23 @@ fn verified_bundle_passes() {
         3,
         "{stdout}"
     );
+
+    // The bundle a guard config names is the one looked at, as `diffguard serve` would load it.
+    let default =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
+            .unwrap();
+    let config = s.0.join("guard.toml");
+    let toml = format!("{default}\n[detector.settings]\nbundle = {b:?}\n");
+    std::fs::write(&config, toml).unwrap();
+    let c = config.display().to_string();
+    let v = json(&models(
+        &s,
+        &["--recipe", "pixel-cfg", "--config", &c, "--json"],
+    ));
+    for f in v[0]["files"].as_array().unwrap() {
+        assert_eq!(f["status"], "found", "{f}");
+        assert!(f["path"].as_str().unwrap().starts_with(&b), "{f}");
+    }
 }
 
 #[cfg(not(feature = "fetch"))]

@@ -13,6 +13,8 @@ use diffguard_engine::models::catalog::{
     self, FileReport, MODELS_ENV, ModelFile, PartMismatch, SearchPaths, Status, Verification, Via,
 };
 
+use crate::config::Config;
+
 /// Arguments of `diffguard models`.
 #[derive(Debug, Clone, Args)]
 pub struct ModelsArgs {
@@ -36,10 +38,14 @@ pub struct ModelsArgs {
         global = true
     )]
     pub files: Vec<String>,
-    /// The project's bundle folder searched first for pixel-cfg (default: the source tree's
-    /// models/fashion-mnist, as `diffguard serve` uses).
+    /// The project's bundle folder searched first for pixel-cfg (default: the one `diffguard
+    /// serve` would load: `detector.settings.bundle` of the config, else the source tree's
+    /// models/fashion-mnist).
     #[arg(long, env = "DIFFGUARD_BUNDLE", global = true)]
     pub bundle: Option<PathBuf>,
+    /// Guard config file whose detector settings name the bundle (as for `diffguard serve`).
+    #[arg(long, env = "DIFFGUARD_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
     /// Open every found file and compare its tensors with the architecture (reads the whole
     /// file; the full ImageNet checkpoints take a few GB of memory).
     #[arg(long, env = "DIFFGUARD_MODELS_VERIFY", global = true)]
@@ -129,11 +135,7 @@ pub fn plan(args: &ModelsArgs, recipe: &str) -> anyhow::Result<(Vec<ModelFile>, 
         explicit.insert(role.to_string(), PathBuf::from(path));
     }
     let bundle_dirs = if recipe == "pixel-cfg" {
-        vec![args.bundle.clone().unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("models")
-                .join(catalog::BUNDLE_FOLDER)
-        })]
+        vec![bundle_dir(args)?]
     } else {
         Vec::new()
     };
@@ -146,6 +148,15 @@ pub fn plan(args: &ModelsArgs, recipe: &str) -> anyhow::Result<(Vec<ModelFile>, 
         }
     };
     Ok((files, SearchPaths::from_env(explicit, bundle_dirs, var)))
+}
+
+/// The bundle folder exactly as the guard resolves it, unless `--bundle` names one.
+fn bundle_dir(args: &ModelsArgs) -> anyhow::Result<PathBuf> {
+    if let Some(b) = &args.bundle {
+        return Ok(b.clone());
+    }
+    let cfg = Config::load(args.config.as_deref())?;
+    Ok(crate::guard::diffguard::bundle_dir(&cfg.detector)?)
 }
 
 fn report(args: &ModelsArgs, recipe: &str) -> anyhow::Result<RecipeReport> {
