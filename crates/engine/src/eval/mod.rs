@@ -10,12 +10,14 @@
 //! - [`calibrate`]: global and per-class thresholds at a target false-reject rate, and the
 //!   fingerprinted thresholds file the proxy loads.
 //! - [`combine`]: the deployable cascade and the paper's threshold-envelope oracle (spec §8.4).
+//! - [`outputs`]: the classifier run over a dataset, and all baselines scored on its outputs.
 //! - [`table`]: the results table in the paper's layout (Markdown, JSON).
 
 pub mod baselines;
 pub mod calibrate;
 pub mod combine;
 pub mod metrics;
+pub mod outputs;
 pub mod table;
 
 pub use baselines::{Knn, Vim, energy, max_logit, msp};
@@ -24,4 +26,5 @@ pub use calibrate::{
 };
 pub use combine::{Cascade, Envelope, threshold_envelope};
 pub use metrics::{OodMetrics, Roc, aupr, auroc, fpr_at_tpr, ood_metrics, roc_curve};
+pub use outputs::{FittedBaselines, Outputs, collect_outputs};
 pub use table::{ResultsTable, TableRow};
