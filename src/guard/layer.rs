@@ -174,6 +174,7 @@ where
         diffguard.score = Empty,
         diffguard.threshold = Empty,
         diffguard.cache_hit = Empty,
+        diffguard.early_stop_step = Empty,
         diffguard.id = Empty,
         error.type = Empty,
     );
@@ -429,6 +430,16 @@ fn observe(route: &RouteGuard, report: &VerdictReport, record: &Arc<RequestRecor
         "diffguard.threshold",
         join(report, |i| i.threshold.map(|s| s.to_string())).as_str(),
     );
+    let steps = join(report, |i| {
+        i.diagnostics.get("early_stop_step").map(|s| s.to_string())
+    });
+    if report
+        .instances
+        .iter()
+        .any(|i| i.diagnostics.contains_key("early_stop_step"))
+    {
+        span.record("diffguard.early_stop_step", steps.as_str());
+    }
     span.record(
         "diffguard.cache_hit",
         report
