@@ -258,12 +258,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
             .reshape((b * heads, n, d))?)
     };
     let (qh, kh, vh) = (split(q, t)?, split(k, s)?, split(v, s)?);
-    let kt = kh.transpose(1, 2)?.contiguous()?;
-    let logits = (qh.matmul(&kt)? * scale)?;
-    // Half-precision runs take the softmax in f32, like the references' `softmax(w.float())`.
-    let weights = candle_nn::ops::softmax(&cast(&logits, compute_dtype(q.dtype()))?, D::Minus1)?;
-    let weights = cast(&weights, q.dtype())?.contiguous()?;
-    let out = weights.matmul(&vh)?;
+    let out = if matches!(q.dtype(), DType::F32 | DType::F64) {
+        ops::attention::attention(&qh, &kh, &vh, scale)?
+    } else {
+        let kt = kh.transpose(1, 2)?.contiguous()?;
+        let logits = (qh.matmul(&kt)? * scale)?;
+        // Half-precision runs take the softmax in f32, like the references' `softmax(w.float())`.
+        let weights =
+            candle_nn::ops::softmax(&cast(&logits, compute_dtype(q.dtype()))?, D::Minus1)?;
+        cast(&weights, q.dtype())?.contiguous()?.matmul(&vh)?
+    };
     Ok(out
         .reshape((b, heads, t, d))?
         .transpose(1, 2)?
