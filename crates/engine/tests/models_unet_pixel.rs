@@ -202,7 +202,17 @@ fn gradients_match_finite_differences_f64() {
 #[test]
 #[ignore]
 fn fashion_train_step_timing() {
-    let (model, varmap) = seeded_model(PixelUNetConfig::fashion_mnist(), DType::F32, 7);
+    // PIXEL_RES_BLOCKS=1 probes the lighter variant a trainer may pick through the config.
+    let mut cfg = PixelUNetConfig::fashion_mnist();
+    if let Some(n) = std::env::var("PIXEL_RES_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.num_res_blocks = n;
+    }
+    let (model, varmap) = seeded_model(cfg, DType::F32, 7);
+    let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    eprintln!("{params} parameters");
     let mut rng = StdRng::seed_from_u64(8);
     let x = randn(&mut rng, &[32, 1, 28, 28], 1.0, DType::F32);
     let target = randn(&mut rng, &[32, 1, 28, 28], 1.0, DType::F32);
