@@ -196,3 +196,32 @@ fn gradients_match_finite_differences_f64() {
         check(&format!("dL/d{name}[{idx}]"), g[idx], p, m);
     }
 }
+
+/// Training-cost probe for the Fashion-MNIST preset (run with `-- --ignored --nocapture`):
+/// one forward+backward of the ε-MSE loss at batch 32.
+#[test]
+#[ignore]
+fn fashion_train_step_timing() {
+    let (model, varmap) = seeded_model(PixelUNetConfig::fashion_mnist(), DType::F32, 7);
+    let mut rng = StdRng::seed_from_u64(8);
+    let x = randn(&mut rng, &[32, 1, 28, 28], 1.0, DType::F32);
+    let target = randn(&mut rng, &[32, 1, 28, 28], 1.0, DType::F32);
+    let t: Vec<u32> = (0..32).map(|i| i * 31).collect();
+    let labels: Vec<u32> = (0..32).map(|i| i % 11).collect();
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let eps = model.forward(&x, &t, &labels).unwrap();
+        let fwd = start.elapsed();
+        let loss = (eps - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let n = varmap
+            .all_vars()
+            .iter()
+            .filter(|v| grads.get(v.as_tensor()).is_some())
+            .count();
+        eprintln!(
+            "batch 32: forward {fwd:?}, forward+backward {:?} ({n} params with grads)",
+            start.elapsed()
+        );
+    }
+}

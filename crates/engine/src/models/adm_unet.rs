@@ -6,7 +6,7 @@
 //! attention layer into it through an [`AttnFactory`].
 
 use candle_core::{Device, Tensor};
-use candle_nn::{Conv2d, Embedding, GroupNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
@@ -345,7 +345,7 @@ impl UNetModel {
             h = run_block(block, &Tensor::cat(&[&h, &skip], 1)?, &emb, context)?;
             record(&h);
         }
-        let h = silu(&apply(&self.out_norm, &h)?)?;
+        let h = self.out_norm.forward_silu(&h)?;
         apply(&self.out_conv, &h)
     }
 }

@@ -6,7 +6,7 @@
 //! module only adds the transformer and the LDM presets.
 
 use candle_core::Tensor;
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::adm_unet::{ContextLayer, UNetModel, UNetSpec};
