@@ -12,13 +12,21 @@
 //! - [`combine`]: the deployable cascade and the paper's threshold-envelope oracle (spec §8.4).
 //! - [`outputs`]: the classifier run over a dataset, and all baselines scored on its outputs.
 //! - [`table`]: the results table in the paper's layout (Markdown, JSON).
+//! - [`run`]: the evaluation runner (`diffguard eval`), with [`variants`] of the recipe and the
+//!   per-image score [`cache`] that makes runs resumable; [`report`] writes its output folder.
+//! - [`calibration`]: the calibration runner (`diffguard calibrate`).
 
 pub mod baselines;
+pub mod cache;
 pub mod calibrate;
+pub mod calibration;
 pub mod combine;
 pub mod metrics;
 pub mod outputs;
+pub mod report;
+pub mod run;
 pub mod table;
+pub mod variants;
 
 pub use baselines::{Knn, Vim, energy, max_logit, msp};
 pub use calibrate::{
