@@ -48,6 +48,9 @@ enum Command {
     Eval(diffguard::cli::eval::EvalArgs),
     /// Set global and per-class thresholds on the validation split at a target false-reject rate.
     Calibrate(diffguard::cli::calibrate::CalibrateArgs),
+    /// List the weight files a recipe needs, where they are looked for, what is found and where
+    /// to download each; `models fetch` downloads the missing ones.
+    Models(diffguard::cli::models::ModelsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -98,6 +101,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Calibrate(a) => {
             tokio::task::spawn_blocking(move || diffguard::cli::calibrate::run(a)).await?
+        }
+        Command::Models(args) => {
+            tokio::task::spawn_blocking(move || diffguard::cli::models::run(&args)).await?
         }
         Command::Openapi => {
             println!(

@@ -1,9 +1,12 @@
-//! Offline commands of the `diffguard` binary that measure and tune the detector:
-//! [`eval`] (`diffguard eval`) and [`calibrate`] (`diffguard calibrate`). Both run on the engine's
-//! bundle and data loaders; the proxy is not involved.
+//! Offline commands of the `diffguard` binary, one module each: [`eval`] and [`calibrate`] measure
+//! and tune the detector on the engine's bundle and data loaders; [`models`] lists (and with the
+//! `fetch` feature downloads) the weight files a recipe needs. The proxy is not involved.
 
 pub mod calibrate;
 pub mod eval;
+#[cfg(feature = "fetch")]
+pub mod fetch;
+pub mod models;
 
 use std::path::{Path, PathBuf};
 

@@ -10,8 +10,9 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    GN_EPS_ADM, Linear, ResBlock, Resample, apply, cast, conv2d, conv3x3, from_tokens, group_norm,
-    label_tensor, qkv_attention_legacy, silu, timestep_embedding, to_tokens, upsample_nearest2x,
+    Conv2d, GN_EPS_ADM, GroupNorm, Linear, ResBlock, Resample, apply, cast, conv2d, conv3x3,
+    from_tokens, group_norm, label_tensor, qkv_attention_legacy, silu, timestep_embedding,
+    to_tokens, upsample_nearest2x,
 };
 use crate::{Denoiser, EngineError, LabelId, Result};
 

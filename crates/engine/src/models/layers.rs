@@ -68,7 +68,10 @@ impl GroupNorm {
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         let dtype = x.dtype();
         let xs = cast(x, compute_dtype(dtype))?;
-        let (g, b) = (cast(&self.gamma, xs.dtype())?, cast(&self.beta, xs.dtype())?);
+        let (g, b) = (
+            cast(&self.gamma, xs.dtype())?,
+            cast(&self.beta, xs.dtype())?,
+        );
         let y = ops::norm::group_norm(&xs, self.groups, &g, &b, self.eps, silu)?;
         cast(&y, dtype)
     }
@@ -105,7 +108,13 @@ pub struct Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::conv::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+        ops::conv::conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
     }
 }
 

@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::adm_unet::{ContextLayer, UNetModel, UNetSpec};
 use super::class_embedder::ClassEmbedder;
 use super::layers::{
-    GN_EPS_LDM, LayerNorm, Linear, apply, attention, cast, from_tokens, group_norm, to_tokens,
+    GN_EPS_LDM, GroupNorm, LayerNorm, Linear, apply, attention, cast, from_tokens, group_norm,
+    to_tokens,
 };
 use crate::{Denoiser, EngineError, LabelId, Result};
 

@@ -427,8 +427,9 @@ impl SimpleBackend for RecordingBackend<'_> {
         self.recorder.with(|r| r.used.insert(name.to_string()));
         if problem {
             // Stand-in so the build can go on and report every problem at once; the model
-            // is discarded because the mismatch is non-empty.
-            return Tensor::zeros(s, dtype, dev);
+            // is discarded because the mismatch is non-empty. A zero-stride view, so checking a
+            // full-size architecture against the wrong file allocates nothing.
+            return Tensor::zeros((), dtype, dev)?.broadcast_as(s);
         }
         self.checkpoint
             .tensor(&full, dtype, dev)

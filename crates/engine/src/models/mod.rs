@@ -1,6 +1,7 @@
 //! The networks, one file per architecture, plus weight loading.
 
 pub mod adm_unet;
+pub mod catalog;
 pub mod class_embedder;
 pub mod layers;
 pub mod ldm_unet;

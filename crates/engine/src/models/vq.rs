@@ -11,8 +11,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    GN_EPS_LDM, Linear, apply, attention, conv2d, conv3x3, from_tokens, group_norm, silu,
-    to_tokens, upsample_nearest2x,
+    Conv2d, GN_EPS_LDM, GroupNorm, Linear, apply, attention, conv2d, conv3x3, from_tokens,
+    group_norm, silu, to_tokens, upsample_nearest2x,
 };
 use crate::{Autoencoder, EngineError, Result};
 
