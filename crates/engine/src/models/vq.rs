@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{
     Conv2d, GN_EPS_LDM, GroupNorm, Linear, apply, attention, conv2d, conv3x3, from_tokens,
-    group_norm, silu, to_tokens, upsample_nearest2x,
+    group_norm, to_tokens, upsample_nearest2x,
 };
 use crate::{Autoencoder, EngineError, Result};
 
