@@ -9,7 +9,7 @@
 //! - [`telemetry`]: tracing, OTLP, Prometheus.
 //! - [`api`]: late verdicts (poll and SSE); [`ops`]: health, readiness, metrics, OpenAPI.
 //! - [`server`]: listeners and graceful shutdown; [`upstream`]: the example classifier server;
-//!   [`demo`]: the `diffguard demo` command.
+//!   [`demo`]: the `diffguard demo` command; [`cli`]: `diffguard eval` and `diffguard calibrate`.
 
 pub mod api;
 pub mod cache;

@@ -44,6 +44,10 @@ enum Command {
     },
     /// Print the OpenAPI document of the verdict and ops endpoints.
     Openapi,
+    /// Evaluate every detector (baselines, DiffGuard variants, combinations) on Fashion-MNIST vs OOD sets.
+    Eval(diffguard::cli::eval::EvalArgs),
+    /// Set global and per-class thresholds on the validation split at a target false-reject rate.
+    Calibrate(diffguard::cli::calibrate::CalibrateArgs),
     /// List the weight files a recipe needs, where they are looked for, what is found and where
     /// to download each; `models fetch` downloads the missing ones.
     Models(diffguard::cli::models::ModelsArgs),
@@ -92,6 +96,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             serve(cfg).await
         }
         Command::Demo { wait_ms } => demo(wait_ms).await,
+        Command::Eval(a) => {
+            tokio::task::spawn_blocking(move || diffguard::cli::eval::run(a)).await?
+        }
+        Command::Calibrate(a) => {
+            tokio::task::spawn_blocking(move || diffguard::cli::calibrate::run(a)).await?
+        }
         Command::Models(args) => {
             tokio::task::spawn_blocking(move || diffguard::cli::models::run(&args)).await?
         }

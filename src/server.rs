@@ -58,8 +58,12 @@ impl RunningServer {
                 "shutdown grace period over; dropping in-flight requests"
             );
         }
+        // Queued jobs get one more grace period; past it the threads are abandoned.
         let guard = self.guard.clone();
-        let _ = tokio::task::spawn_blocking(move || guard.shutdown()).await;
+        let stop = tokio::task::spawn_blocking(move || guard.shutdown());
+        if tokio::time::timeout(self.grace, stop).await.is_err() {
+            tracing::warn!("scoring threads still busy at shutdown; not waiting for them");
+        }
     }
 
     /// A token that stops the server when cancelled (signals, tests).

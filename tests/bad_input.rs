@@ -275,6 +275,7 @@ async fn forged_headers_are_stripped_and_proxy_headers_set() {
                 ("connection", "x-private"),
                 ("x-private", "secret"),
                 ("x-forwarded-for", "10.0.0.9"),
+                ("accept-encoding", "gzip, br"),
             ],
         )
         .await;
@@ -297,4 +298,25 @@ async fn forged_headers_are_stripped_and_proxy_headers_set() {
     assert_eq!(h.get("x-forwarded-host"), Some(&g.addr().to_string()));
     assert_eq!(h.get("x-forwarded-proto").map(String::as_str), Some("http"));
     assert_eq!(h.get("host"), Some(&up.addr.to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodyless_requests_pass_through_unscored() {
+    let seen = Seen::default();
+    let up = Upstream::router(recording_upstream(seen.clone())).await;
+    let det = TestDetector::new();
+    let g = guard()
+        .route(&up, "name = \"k\"\nprefix = \"/v1/models/\"\nupstream = \"{up}\"\nrequest = { kind = \"kserve_v1\" }\nresponse = { kind = \"kserve_v1\" }\npolicy = { mode = \"reject\", fail_mode = \"closed\" }")
+        .start(det.clone())
+        .await;
+    // Model metadata / readiness calls of the upstream API are not predictions.
+    let r = g.get("/v1/models/fashion").await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["scores"].is_array(), "the upstream's own answer");
+    assert!(
+        r.h("diffguard-verdict").is_none(),
+        "an upstream cannot forge a verdict header either"
+    );
+    assert_eq!(seen.0.lock().unwrap().len(), 1);
+    assert_eq!(det.jobs(), 0);
 }

@@ -101,6 +101,12 @@ async fn flag_annotates_and_injects_without_blocking() {
         assert_eq!(r.h("diffguard-verdict"), Some("ood"));
         let body = r.json();
         assert_eq!(body["diffguard"]["verdict"], "ood");
+        let diag = &body["diffguard"]["instances"][0]["diagnostics"];
+        // f32 sum of 784 pixels: worst-case rounding ≈ 784 × 6e-8 ≈ 5e-5.
+        assert!(
+            (diag["mean"].as_f64().unwrap() - 240.0 / 255.0).abs() < 1e-4,
+            "{diag}"
+        );
         assert_eq!(body["diffguard"]["id"].as_str(), r.h("diffguard-id"));
         assert!(
             body.as_object().unwrap().len() == 6,

@@ -1,5 +1,37 @@
-//! Command-line subcommands that are more than a few lines, one module each.
+//! Offline commands of the `diffguard` binary, one module each: [`eval`] and [`calibrate`] measure
+//! and tune the detector on the engine's bundle and data loaders; [`models`] lists (and with the
+//! `fetch` feature downloads) the weight files a recipe needs. The proxy is not involved.
 
+pub mod calibrate;
+pub mod eval;
 #[cfg(feature = "fetch")]
 pub mod fetch;
 pub mod models;
+
+use std::path::{Path, PathBuf};
+
+use diffguard_engine::bundle::{Bundle, device_from_name};
+
+/// The default bundle: `$DIFFGUARD_BUNDLE` is read by clap; this is the source-tree fallback.
+fn default_bundle() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist")
+}
+
+/// Opens the bundle on the named device with a readable error.
+fn open_bundle(dir: &Path, device: &str) -> anyhow::Result<Bundle> {
+    let device = device_from_name(device)?;
+    Bundle::open(dir, &device)
+        .map_err(|e| anyhow::anyhow!("cannot open the bundle {}: {e}", dir.display()))
+}
+
+/// `--per-set N` / `--all` → the subset size (`None` = every image).
+fn subset_size(n: usize, all: bool) -> Option<usize> {
+    (!all).then_some(n)
+}
+
+/// Opens the bundle without its (possibly stale) thresholds file.
+fn open_bundle_for_calibration(dir: &Path, device: &str) -> anyhow::Result<Bundle> {
+    let device = device_from_name(device)?;
+    Bundle::open_uncalibrated(dir, &device)
+        .map_err(|e| anyhow::anyhow!("cannot open the bundle {}: {e}", dir.display()))
+}

@@ -46,7 +46,8 @@ pub struct Score {
     pub score: f32,
     /// Decision threshold for this label.
     pub threshold: f32,
-    /// Free-form numbers worth tracing (early-stop step, similarity, …).
+    /// Free-form numbers worth tracing (similarity, …). `early_stop_step` is also recorded as the
+    /// request span attribute `diffguard.early_stop_step`.
     #[serde(default)]
     pub diagnostics: BTreeMap<String, f64>,
 }

@@ -24,7 +24,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
 use tower::{Layer, Service, ServiceExt};
 use tracing::{Instrument, field::Empty};
 
@@ -174,6 +174,7 @@ where
         diffguard.score = Empty,
         diffguard.threshold = Empty,
         diffguard.cache_hit = Empty,
+        diffguard.early_stop_step = Empty,
         diffguard.id = Empty,
         error.type = Empty,
     );
@@ -202,10 +203,11 @@ where
     S: Service<Request<Body>, Response = Response, Error = Infallible>,
 {
     let t = Instant::now();
-    let resp = match inner.oneshot(req).await {
+    let mut resp = match inner.oneshot(req).await {
         Ok(r) => r,
         Err(never) => match never {},
     };
+    strip_guard_headers(resp.headers_mut());
     *upstream_time = t.elapsed();
     resp
 }
@@ -255,19 +257,18 @@ async fn run<S>(
 where
     S: Service<Request<Body>, Response = Response, Error = Infallible>,
 {
-    if route.policy.mode == PolicyMode::Off {
+    // Only requests with a body are predictions; GET/HEAD (metadata, health) pass as they are.
+    let has_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
+    if route.policy.mode == PolicyMode::Off || !has_body {
         return Ok(call_inner(inner, req, upstream_time).await);
     }
     let limit = guard.max_body_bytes();
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if content_length(req.headers()).is_some_and(|n| n > limit as u64) {
         return Err(GuardError::BodyTooLarge { limit });
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The label is read from the answer, so ask for it uncompressed.
+    parts.headers.remove(header::ACCEPT_ENCODING);
     let body = buffer(body, limit).await?;
     let images = match read_images(guard, route, &parts.headers, &body).await {
         Ok(i) => i,
@@ -288,8 +289,14 @@ where
         // Upstream errors pass through untouched; there is no prediction to vouch for.
         return Ok(resp);
     }
-    let (mut parts, body) = resp.into_parts();
-    strip_guard_headers(&mut parts.headers);
+    if content_length(resp.headers()).is_some_and(|n| n > limit as u64) {
+        tracing::warn!(
+            limit,
+            "upstream answer larger than server.max_body_bytes; passed through unscored"
+        );
+        return Ok(resp);
+    }
+    let (parts, body) = resp.into_parts();
     let body = buffer(body, limit)
         .await
         .map_err(|e| GuardError::UpstreamUnreadable(e.to_string()))?;
@@ -331,6 +338,15 @@ where
             annotate: true,
         } => Ok(annotate(parts, body, &report, shown, route.inject_body)),
     }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// True when the labels could not be read from the upstream answer at all.
@@ -414,6 +430,16 @@ fn observe(route: &RouteGuard, report: &VerdictReport, record: &Arc<RequestRecor
         "diffguard.threshold",
         join(report, |i| i.threshold.map(|s| s.to_string())).as_str(),
     );
+    let steps = join(report, |i| {
+        i.diagnostics.get("early_stop_step").map(|s| s.to_string())
+    });
+    if report
+        .instances
+        .iter()
+        .any(|i| i.diagnostics.contains_key("early_stop_step"))
+    {
+        span.record("diffguard.early_stop_step", steps.as_str());
+    }
     span.record(
         "diffguard.cache_hit",
         report

@@ -44,9 +44,9 @@ impl InstanceSlot {
 
     fn report(&self) -> InstanceReport {
         let o = self.outcome();
-        let (score, threshold) = match &o {
-            Some(Outcome::Scored(s)) => (Some(s.score), Some(s.threshold)),
-            _ => (None, None),
+        let (score, threshold, diagnostics) = match &o {
+            Some(Outcome::Scored(s)) => (Some(s.score), Some(s.threshold), s.diagnostics.clone()),
+            _ => (None, None, Default::default()),
         };
         InstanceReport {
             verdict: o.as_ref().map_or(Verdict::Pending, Outcome::verdict),
@@ -59,6 +59,7 @@ impl InstanceSlot {
                 _ => None,
             },
             cache: self.cache,
+            diagnostics,
         }
     }
 

@@ -131,6 +131,9 @@ pub struct InstanceReport {
     pub reason: Option<String>,
     /// Cache hit or miss.
     pub cache: CacheStatus,
+    /// The detector's diagnostics (e.g. `early_stop_step`), when scored.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub diagnostics: std::collections::BTreeMap<String, f64>,
 }
 
 /// What `GET /diffguard/v1/verdicts/{id}` and the injected `"diffguard"` object carry.

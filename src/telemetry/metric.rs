@@ -25,21 +25,27 @@ pub const VERDICTS: &str = "diffguard_verdicts_total";
 /// Detector time per image.
 pub const ENGINE_SECONDS: &str = "diffguard_engine_seconds";
 
+/// Histogram buckets: the proxy path is sub-millisecond, the engine takes up to a minute.
+const FAST: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+const SLOW: [f64; 12] = [
+    0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+
 pub(super) fn builder() -> PrometheusBuilder {
-    let fast = [
-        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-        5.0, 10.0,
-    ];
-    let slow = [
-        0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
-    ];
-    let b = PrometheusBuilder::new();
-    let b = b
-        .set_buckets_for_metric(Matcher::Full(UPSTREAM_SECONDS.into()), &fast)
-        .unwrap_or_else(|_| PrometheusBuilder::new());
-    let b = b
-        .set_buckets_for_metric(Matcher::Full(ADDED_SECONDS.into()), &fast)
-        .unwrap_or_else(|_| PrometheusBuilder::new());
-    b.set_buckets_for_metric(Matcher::Full(ENGINE_SECONDS.into()), &slow)
-        .unwrap_or_else(|_| PrometheusBuilder::new())
+    [
+        (UPSTREAM_SECONDS, &FAST[..]),
+        (ADDED_SECONDS, &FAST[..]),
+        (ENGINE_SECONDS, &SLOW[..]),
+    ]
+    .into_iter()
+    .fold(PrometheusBuilder::new(), |b, (name, buckets)| {
+        // Only an empty bucket list is refused; ours are constant and non-empty.
+        match b.set_buckets_for_metric(Matcher::Full(name.into()), buckets) {
+            Ok(b) => b,
+            Err(e) => unreachable!("constant buckets for {name}: {e}"),
+        }
+    })
 }

@@ -82,7 +82,11 @@ impl Detector for TestDetector {
                 Ok(Score {
                     score: mean,
                     threshold: self.threshold,
-                    diagnostics: [("mean".to_string(), f64::from(mean))].into(),
+                    diagnostics: [
+                        ("mean".to_string(), f64::from(mean)),
+                        ("early_stop_step".to_string(), 3.0),
+                    ]
+                    .into(),
                 })
             })
             .collect()

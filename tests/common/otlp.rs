@@ -198,6 +198,10 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
     let score: f64 = attr(&req, "diffguard.score").unwrap().parse().unwrap();
     assert!(score > 0.9, "{score}");
     assert!(attr(&req, "diffguard.threshold").is_some());
+    assert_eq!(
+        attr(&req, "diffguard.early_stop_step").as_deref(),
+        Some("3")
+    );
     assert!(
         req.events.iter().any(|e| e.name == "diffguard.ood"),
         "OOD span event: {:?}",

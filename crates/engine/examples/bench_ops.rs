@@ -1,7 +1,7 @@
 //! Per-op CPU benchmark: the engine's fast ops (`diffguard_engine::ops`) vs candle's reference ops,
 //! in the same process, forward and forward+backward, at 1 and 2 threads.
 //!
-//! `cargo run --release -p diffguard-engine --example bench_ops [-- --quick] [--filter TEXT]`
+//! `cargo run --release -p diffguard-engine --example bench_ops [-- --quick] [--filter TEXT] [--no-mmap]`
 //!
 //! The rayon pool size is fixed at first use, so the parent re-runs itself once per thread count
 //! with `RAYON_NUM_THREADS` set. Times: median wall time per call, and mean CPU time per call summed
@@ -296,6 +296,18 @@ fn child(threads: &str, quick: bool, filter: &str) -> Result<()> {
     Ok(())
 }
 
+/// `--no-mmap`: glibc serves allocations ≥ 128 KiB with fresh mmaps and unmaps them on free, so
+/// every large tensor pays a page fault per 4 KiB page (≈1–2 ms per 4 MB tensor). Raising the
+/// thresholds keeps freed memory in the heap for reuse, as PyTorch's caching allocator does. This
+/// is a process-wide setting for a binary (the guard could do the same), shown here for its effect.
+fn keep_freed_memory() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before any worker threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -306,6 +318,9 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map_or("", String::as_str);
     if let Ok(t) = std::env::var("BENCH_OPS_CHILD") {
+        if args.iter().any(|a| a == "--no-mmap") {
+            keep_freed_memory();
+        }
         return child(&t, quick, filter);
     }
     println!(

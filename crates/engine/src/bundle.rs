@@ -102,6 +102,16 @@ impl Bundle {
     /// Loads every model of the bundle on `device`, checking each checkpoint against its
     /// architecture, and the thresholds file against the detector fingerprint.
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load(dir, device, true)
+    }
+
+    /// [`Self::open`] without reading the thresholds file: what `calibrate` needs, since the old
+    /// thresholds may belong to weights that have since been retrained.
+    pub fn open_uncalibrated(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load(dir, device, false)
+    }
+
+    fn load(dir: &Path, device: &Device, with_thresholds: bool) -> Result<Self> {
         let manifest = Manifest::read(dir)?;
         if manifest.labels.len() != manifest.classifier.resnet.num_classes {
             return Err(EngineError::Config(format!(
@@ -133,8 +143,10 @@ impl Bundle {
             ],
         )?;
         let thresholds = match &manifest.thresholds {
-            Some(file) => Some(ThresholdsFile::load(&dir.join(file), &fingerprint)?),
-            None => None,
+            Some(file) if with_thresholds => {
+                Some(ThresholdsFile::load(&dir.join(file), &fingerprint)?)
+            }
+            _ => None,
         };
         let models = Models {
             denoiser,

@@ -176,3 +176,84 @@ fn eval_knn_matches_openood_numpy() {
         close(*g, *w, 1e-5, "KNN score");
     }
 }
+
+/// A stand-in classifier: logits (10·m, 10·(1 − m)) and features (m, m²) of the mean pixel m.
+/// Refuses anything but (N, 3, H, W), as the `Classifier` contract demands.
+struct MeanClassifier;
+
+impl diffguard_engine::Classifier for MeanClassifier {
+    fn forward(
+        &self,
+        x01: &Tensor,
+    ) -> diffguard_engine::Result<diffguard_engine::ClassifierOutput> {
+        assert_eq!(x01.dim(1)?, 3, "inputs must be RGB");
+        let m = x01.flatten_from(1)?.mean_keepdim(1)?;
+        let logits = Tensor::cat(&[(&m * 10.0)?, ((1.0 - &m)? * 10.0)?], 1)?;
+        let penultimate = Tensor::cat(&[m.clone(), m.sqr()?], 1)?;
+        Ok(diffguard_engine::ClassifierOutput {
+            logits,
+            features: penultimate.unsqueeze(2)?.unsqueeze(3)?,
+            penultimate,
+        })
+    }
+    fn log_prob_input_grad(
+        &self,
+        _: &Tensor,
+        _: &[diffguard_engine::LabelId],
+    ) -> diffguard_engine::Result<Tensor> {
+        Err(diffguard_engine::EngineError::InvalidInput(
+            "not used".into(),
+        ))
+    }
+    fn grad_cam(
+        &self,
+        _: &Tensor,
+        _: &[diffguard_engine::LabelId],
+    ) -> diffguard_engine::Result<Tensor> {
+        Err(diffguard_engine::EngineError::InvalidInput(
+            "not used".into(),
+        ))
+    }
+    fn num_classes(&self) -> usize {
+        2
+    }
+}
+
+#[test]
+fn eval_outputs_and_all_baselines() {
+    use diffguard_engine::LabelId;
+    use diffguard_engine::data::{Dataset, Pixels};
+    // Seven grey 1×2 images with mean pixels 0, 1/6, …, 1.
+    let pixels: Vec<u8> = (0..7u16).flat_map(|i| [(i * 255 / 6) as u8; 2]).collect();
+    let data = Dataset::new(
+        "g",
+        [1, 1, 2],
+        Pixels::U8(pixels),
+        vec![LabelId(0); 7],
+        vec!["x".into()],
+    )
+    .unwrap();
+    let out = eval::collect_outputs(&MeanClassifier, &data, 3, &Device::Cpu).unwrap();
+    assert_eq!(out.logits.dims(), [7, 2]);
+    assert_eq!(out.penultimate.dims(), [7, 2]);
+    // Mean below ½ → class 1, above → class 0 (image 3 has mean 127/255 < ½).
+    let predicted: Vec<u32> = out.predicted.iter().map(|l| l.0).collect();
+    assert_eq!(predicted, [1, 1, 1, 1, 0, 0, 0]);
+    // Batching does not change anything.
+    let whole = eval::collect_outputs(&MeanClassifier, &data, 100, &Device::Cpu).unwrap();
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(v(&out.logits), v(&whole.logits));
+
+    let w = t(&[&[10.0, 0.0], &[-10.0, 0.0]]);
+    let b = Tensor::new(&[0.0f64, 10.0], &Device::Cpu).unwrap();
+    let fitted = eval::FittedBaselines::fit(&out, 2, Some((&w, &b)), 1).unwrap();
+    let scores = fitted.score_all(&out).unwrap();
+    assert_eq!(
+        scores.keys().copied().collect::<Vec<_>>(),
+        ["EBO", "KNN", "MLS", "MSP", "ViM"]
+    );
+    assert!(scores.values().all(|s| s.len() == 7));
+    assert_eq!(scores["MLS"], eval::max_logit(&out.logits).unwrap());
+    let no_vim = eval::FittedBaselines::fit(&out, 2, None, 1).unwrap();
+    assert!(!no_vim.score_all(&out).unwrap().contains_key("ViM"));
+}

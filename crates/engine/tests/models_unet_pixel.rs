@@ -196,3 +196,42 @@ fn gradients_match_finite_differences_f64() {
         check(&format!("dL/d{name}[{idx}]"), g[idx], p, m);
     }
 }
+
+/// Training-cost probe for the Fashion-MNIST preset (run with `-- --ignored --nocapture`):
+/// one forward+backward of the ε-MSE loss at batch 32.
+#[test]
+#[ignore]
+fn fashion_train_step_timing() {
+    // PIXEL_RES_BLOCKS=1 probes the lighter variant a trainer may pick through the config.
+    let mut cfg = PixelUNetConfig::fashion_mnist();
+    if let Some(n) = std::env::var("PIXEL_RES_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.num_res_blocks = n;
+    }
+    let (model, varmap) = seeded_model(cfg, DType::F32, 7);
+    let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+    eprintln!("{params} parameters");
+    let mut rng = StdRng::seed_from_u64(8);
+    let x = randn(&mut rng, &[32, 1, 28, 28], 1.0, DType::F32);
+    let target = randn(&mut rng, &[32, 1, 28, 28], 1.0, DType::F32);
+    let t: Vec<u32> = (0..32).map(|i| i * 31).collect();
+    let labels: Vec<u32> = (0..32).map(|i| i % 11).collect();
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        let eps = model.forward(&x, &t, &labels).unwrap();
+        let fwd = start.elapsed();
+        let loss = (eps - &target).unwrap().sqr().unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let n = varmap
+            .all_vars()
+            .iter()
+            .filter(|v| grads.get(v.as_tensor()).is_some())
+            .count();
+        eprintln!(
+            "batch 32: forward {fwd:?}, forward+backward {:?} ({n} params with grads)",
+            start.elapsed()
+        );
+    }
+}

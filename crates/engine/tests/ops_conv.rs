@@ -7,11 +7,13 @@ use candle_core::{DType, Result, Tensor};
 use diffguard_engine::ops::conv::conv2d;
 use ops_common::{autograd, check_grads, randn, rel_err};
 
-/// (batch, cin, cout, h, w, k, stride, pad). Stride-1 3×3 cases run the Winograd path, with odd
-/// output sizes so the 2×2 tiles overhang the image.
+/// (batch, cin, cout, h, w, k, stride, pad). Stride-1 3×3 cases with ≥ 16 channels both ways run
+/// the Winograd path (odd output sizes, so the 2×2 tiles overhang the image); the others im2col.
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 const CASES: &[Case] = &[
     (1, 3, 65, 7, 9, 3, 1, 1),
+    (2, 17, 65, 7, 9, 3, 1, 1),
+    (1, 65, 16, 5, 6, 3, 1, 0),
     (7, 65, 3, 5, 7, 3, 1, 1),
     (2, 5, 6, 9, 7, 3, 2, 1),
     (1, 4, 3, 8, 8, 3, 2, 1),
@@ -19,7 +21,7 @@ const CASES: &[Case] = &[
     (2, 65, 7, 5, 3, 1, 1, 0),
     (3, 6, 4, 7, 9, 1, 2, 0),
     (1, 3, 4, 4, 5, 3, 1, 2),
-    // 5×5: stride 1 takes the im2col forward and the flipped-kernel input grad without Winograd.
+    // 5×5: im2col forward and col2im input grad, including stride 2.
     (2, 3, 4, 7, 6, 5, 1, 2),
     (2, 3, 4, 7, 9, 5, 2, 1),
 ];
@@ -110,13 +112,15 @@ fn gradients_match_finite_differences() {
 fn frozen_weights_get_no_gradient_work() {
     // Clean Grad differentiates w.r.t. the image only: the weight is a plain tensor, so the op must
     // still give the right input gradient and no gradient entry for the weight.
-    let (x, w, b) = operands(2, DType::F64);
+    let case = 4;
+    let (.., stride, pad) = CASES[case];
+    let (x, w, b) = operands(case, DType::F64);
     let xv = candle_core::Var::from_tensor(&x).unwrap();
-    let y = conv2d(xv.as_tensor(), &w, Some(&b), 2, 1).unwrap();
+    let y = conv2d(xv.as_tensor(), &w, Some(&b), stride, pad).unwrap();
     let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     assert!(grads.get(&w).is_none());
     let xr = candle_core::Var::from_tensor(&x).unwrap();
-    let yr = reference(xr.as_tensor(), &w, &b, 2, 1).unwrap();
+    let yr = reference(xr.as_tensor(), &w, &b, stride, pad).unwrap();
     let gr = yr.sqr().unwrap().sum_all().unwrap().backward().unwrap();
     let err = rel_err(
         grads.get(xv.as_tensor()).unwrap(),

@@ -6,12 +6,13 @@
 //! attention layer into it through an [`AttnFactory`].
 
 use candle_core::{Device, Tensor};
-use candle_nn::{Conv2d, Embedding, GroupNorm, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    GN_EPS_ADM, Linear, ResBlock, Resample, apply, cast, conv2d, conv3x3, from_tokens, group_norm,
-    label_tensor, qkv_attention_legacy, silu, timestep_embedding, to_tokens, upsample_nearest2x,
+    Conv2d, GN_EPS_ADM, GroupNorm, Linear, ResBlock, Resample, apply, cast, conv2d, conv3x3,
+    from_tokens, group_norm, label_tensor, qkv_attention_legacy, silu, timestep_embedding,
+    to_tokens, upsample_nearest2x,
 };
 use crate::{Denoiser, EngineError, LabelId, Result};
 
@@ -345,7 +346,7 @@ impl UNetModel {
             h = run_block(block, &Tensor::cat(&[&h, &skip], 1)?, &emb, context)?;
             record(&h);
         }
-        let h = silu(&apply(&self.out_norm, &h)?)?;
+        let h = self.out_norm.forward_silu(&h)?;
         apply(&self.out_conv, &h)
     }
 }

@@ -9,7 +9,9 @@
 //!   `upsample_nearest2d` backward overwrites instead of accumulating).
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Init, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+
+use crate::ops;
 
 use crate::Result;
 
@@ -41,19 +43,83 @@ pub fn timestep_embedding(t: &[u32], dim: usize, device: &Device) -> Result<Tens
     Ok(Tensor::from_vec(data, (t.len(), dim), device)?)
 }
 
-/// x·sigmoid(x), written out so that it has a backward for every dtype.
+/// x·sigmoid(x) with a backward for every dtype (the project's fused CPU op; candle's elsewhere).
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    Ok(candle_nn::ops::silu(x)?)
+    Ok(ops::activation::silu(x)?)
 }
 
-/// GroupNorm with 32 groups, statistics in f32 (candle's GroupNorm upcasts half types like
-/// guided-diffusion's `GroupNorm32`).
+/// GroupNorm (official `weight`/`bias` names) on the project's fused CPU kernel, which also fuses
+/// the SiLU that follows almost every norm in these networks; candle's GroupNorm on other devices
+/// and for half types (statistics in f32 like guided-diffusion's `GroupNorm32`).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// GroupNorm followed by SiLU, in one pass on the CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xs = cast(x, compute_dtype(dtype))?;
+        let (g, b) = (
+            cast(&self.gamma, xs.dtype())?,
+            cast(&self.beta, xs.dtype())?,
+        );
+        let y = ops::norm::group_norm(&xs, self.groups, &g, &b, self.eps, silu)?;
+        cast(&y, dtype)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(x, false)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// GroupNorm with 32 groups.
 pub fn group_norm(vb: VarBuilder, channels: usize, eps: f64) -> Result<GroupNorm> {
-    Ok(candle_nn::group_norm(NORM_GROUPS, channels, eps, vb)?)
+    let gamma = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+    let beta = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+    Ok(GroupNorm {
+        gamma,
+        beta,
+        groups: NORM_GROUPS,
+        eps,
+    })
+}
+
+/// A convolution (official `weight`/`bias` names, groups 1) on the project's im2col/Winograd CPU
+/// kernel; candle's conv (cuDNN on GPUs) elsewhere.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::conv::conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
+    }
 }
 
 /// Convolution with `kernel`×`kernel`, the given stride and padding, official `weight`/`bias`
-/// names. No zero initialisation: from-scratch training uses candle's Kaiming init.
+/// names. No zero initialisation: from-scratch training uses Kaiming init like candle's.
 pub fn conv2d(
     vb: VarBuilder,
     cin: usize,
@@ -62,12 +128,23 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding,
+    let init = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+    let weight = vb.get_with_hints((cout, cin, kernel, kernel), "weight", init)?;
+    let bound = 1.0 / ((cin * kernel * kernel) as f64).sqrt();
+    let bias = vb.get_with_hints(
+        cout,
+        "bias",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(Conv2d {
+        weight,
+        bias: Some(bias),
         stride,
-        ..Default::default()
-    };
-    Ok(candle_nn::conv2d(cin, cout, kernel, cfg, vb)?)
+        padding,
+    })
 }
 
 /// A 3×3 same-padding convolution, the most common one.
@@ -190,12 +267,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
             .reshape((b * heads, n, d))?)
     };
     let (qh, kh, vh) = (split(q, t)?, split(k, s)?, split(v, s)?);
-    let kt = kh.transpose(1, 2)?.contiguous()?;
-    let logits = (qh.matmul(&kt)? * scale)?;
-    // Half-precision runs take the softmax in f32, like the references' `softmax(w.float())`.
-    let weights = candle_nn::ops::softmax(&cast(&logits, compute_dtype(q.dtype()))?, D::Minus1)?;
-    let weights = cast(&weights, q.dtype())?.contiguous()?;
-    let out = weights.matmul(&vh)?;
+    let out = if matches!(q.dtype(), DType::F32 | DType::F64) {
+        ops::attention::attention(&qh, &kh, &vh, scale)?
+    } else {
+        let kt = kh.transpose(1, 2)?.contiguous()?;
+        let logits = (qh.matmul(&kt)? * scale)?;
+        // Half-precision runs take the softmax in f32, like the references' `softmax(w.float())`.
+        let weights =
+            candle_nn::ops::softmax(&cast(&logits, compute_dtype(q.dtype()))?, D::Minus1)?;
+        cast(&weights, q.dtype())?.contiguous()?.matmul(&vh)?
+    };
     Ok(out
         .reshape((b, heads, t, d))?
         .transpose(1, 2)?
@@ -329,7 +410,7 @@ impl ResBlock {
 
     /// `x` (B,cin,H,W), `emb` (B,emb_dim) → (B,cout,H',W').
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = silu(&apply(&self.in_norm, x)?)?;
+        let h = self.in_norm.forward_silu(x)?;
         let h = apply(&self.in_conv, &self.resample.apply(&h)?)?;
         let x = self.resample.apply(x)?;
         let e = self.emb_proj.forward(&silu(emb)?)?;

@@ -6,13 +6,14 @@
 //! module only adds the transformer and the LDM presets.
 
 use candle_core::Tensor;
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::adm_unet::{ContextLayer, UNetModel, UNetSpec};
 use super::class_embedder::ClassEmbedder;
 use super::layers::{
-    GN_EPS_LDM, LayerNorm, Linear, apply, attention, cast, from_tokens, group_norm, to_tokens,
+    GN_EPS_LDM, GroupNorm, LayerNorm, Linear, apply, attention, cast, from_tokens, group_norm,
+    to_tokens,
 };
 use crate::{Denoiser, EngineError, LabelId, Result};
 

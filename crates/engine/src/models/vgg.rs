@@ -303,3 +303,10 @@ fn split_stages(w: &Tensor) -> Result<Vec<Tensor>> {
     }
     Ok(out)
 }
+
+/// DISTS as the engine's similarity: what the GDM / LDM recipes score and early-stop with.
+impl crate::similarity::ImageSimilarity for Dists {
+    fn similarity(&self, a01: &Tensor, b01: &Tensor) -> Result<Vec<f64>> {
+        Dists::similarity(self, a01, b01)
+    }
+}

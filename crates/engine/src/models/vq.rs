@@ -7,12 +7,12 @@
 //! from `encode_first_stage`), `decode` quantises first (`decode_first_stage`) and does not clamp.
 
 use candle_core::{D, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::layers::{
-    GN_EPS_LDM, Linear, apply, attention, conv2d, conv3x3, from_tokens, group_norm, silu,
-    to_tokens, upsample_nearest2x,
+    Conv2d, GN_EPS_LDM, GroupNorm, Linear, apply, attention, conv2d, conv3x3, from_tokens,
+    group_norm, to_tokens, upsample_nearest2x,
 };
 use crate::{Autoencoder, EngineError, Result};
 
@@ -105,8 +105,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = apply(&self.conv1, &silu(&apply(&self.norm1, x)?)?)?;
-        let h = apply(&self.conv2, &silu(&apply(&self.norm2, &h)?)?)?;
+        let h = apply(&self.conv1, &self.norm1.forward_silu(x)?)?;
+        let h = apply(&self.conv2, &self.norm2.forward_silu(&h)?)?;
         let skip = match &self.nin_shortcut {
             Some(c) => apply(c, x)?,
             None => x.clone(),
@@ -265,7 +265,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        apply(&self.conv_out, &silu(&apply(&self.norm_out, &h)?)?)
+        apply(&self.conv_out, &self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -319,7 +319,7 @@ impl Decoder {
                 h = apply(conv, &upsample_nearest2x(&h)?)?;
             }
         }
-        apply(&self.conv_out, &silu(&apply(&self.norm_out, &h)?)?)
+        apply(&self.conv_out, &self.norm_out.forward_silu(&h)?)
     }
 }
 

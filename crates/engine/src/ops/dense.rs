@@ -111,10 +111,12 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.3, 88.3);
-    // Round to nearest by the 1.5·2²³ trick: plain float adds, so it vectorises even on SSE2
-    // (`f32::round` is a libm call there).
+    // Round to nearest by the 1.5·2²³ trick: after adding MAGIC the integer n sits in the low
+    // mantissa bits of t, so 2ⁿ is built from t's bits with integer adds and a shift. No f32→i32
+    // cast: LLVM scalarises Rust's saturating `as` (one vcvttss2si per lane in the disassembly).
     const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -123,8 +125,9 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    // Wrapping ops: no overflow-check branches (dev builds) to block vectorisation; n ∈ [-126, 127].
-    let scale = f32::from_bits(((n as i32).wrapping_add(127) as u32).wrapping_shl(23));
+    // bits(t) = bits(MAGIC) + n and bits(MAGIC) << 23 overflows to 0, so this is (n + 127) << 23;
+    // n ∈ [-126, 127] keeps the exponent field valid.
+    let scale = f32::from_bits(t.to_bits().wrapping_add(127).wrapping_shl(23));
     e * scale
 }
 

@@ -148,6 +148,11 @@ impl DiffGuard {
         &self.recipe
     }
 
+    /// The same networks under another recipe (evaluation variants, e.g. without the DSG mask).
+    pub fn with_recipe(&self, recipe: Recipe) -> Result<Self> {
+        Self::new(recipe, self.models.clone())
+    }
+
     fn reference(&self) -> Reference {
         match &self.recipe {
             Recipe::Gdm(r) => r.reference,

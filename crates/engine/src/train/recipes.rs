@@ -101,6 +101,18 @@ fn train_set(args: &RecipeArgs, range: PixelRange) -> Result<InMemoryDataset> {
     })
 }
 
+/// The first CUDA GPU in a `--features cuda` build (when one is present), else the CPU.
+pub fn training_device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Device::cuda_if_available(0)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(Device::Cpu)
+    }
+}
+
 fn run_options(args: &RecipeArgs) -> RunOptions {
     RunOptions {
         budget: args.budget,
@@ -171,19 +183,13 @@ fn diffusion_trainer(
     data: InMemoryDataset,
     opts: RunOptions,
 ) -> Result<(Trainer<impl Objective + use<>>, usize)> {
+    let device = training_device()?;
     let vm = VarMap::new();
-    let vb = seeded_var_builder(&vm, args.seed, DType::F32, &Device::Cpu);
+    let vb = seeded_var_builder(&vm, args.seed, DType::F32, &device);
     let model = PixelUNet::new(vb, unet.clone())?;
     let params = parameter_count(&vm);
     let objective = diffusion_objective(model);
-    let t = Trainer::new(
-        vm,
-        diffusion_config(args),
-        opts,
-        data,
-        objective,
-        Device::Cpu,
-    )?;
+    let t = Trainer::new(vm, diffusion_config(args), opts, data, objective, device)?;
     Ok((t, params))
 }
 
@@ -345,21 +351,15 @@ fn classifier_trainer(
     data: InMemoryDataset,
     opts: RunOptions,
 ) -> Result<(Trainer<impl Objective + use<>>, usize)> {
+    let device = training_device()?;
     let vm = VarMap::new();
-    let vb = seeded_var_builder(&vm, args.seed, DType::F32, &Device::Cpu);
+    let vb = seeded_var_builder(&vm, args.seed, DType::F32, &device);
     let model = ResNet::new(vb, net)?;
     let params = parameter_count(&vm);
     let objective = ClassifierObjective {
         forward: move |x: &Tensor| Ok(model.forward_t(x, true)?.logits),
     };
-    let t = Trainer::new(
-        vm,
-        classifier_config(args),
-        opts,
-        data,
-        objective,
-        Device::Cpu,
-    )?;
+    let t = Trainer::new(vm, classifier_config(args), opts, data, objective, device)?;
     Ok((t, params))
 }
 
@@ -369,7 +369,10 @@ pub fn classifier_accuracy(
     net: &ResNetConfig,
     test: &Dataset,
 ) -> Result<f64> {
-    let device = Device::Cpu;
+    let device = weights
+        .values()
+        .next()
+        .map_or(Device::Cpu, |t| t.device().clone());
     let map = weights
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
