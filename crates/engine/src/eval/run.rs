@@ -459,6 +459,9 @@ fn baseline_scores(
         .collect()
 }
 
+/// Per OOD set: metrics, and the (fpr, tpr) curve.
+type MetricRow = (Vec<OodMetrics>, Vec<(Vec<f64>, Vec<f64>)>);
+
 /// Metrics of `ind` against each OOD score vector, with the ROC curves.
 fn metric_row(
     ind: &[f64],
@@ -478,7 +481,7 @@ fn row(
     name: String,
     kind: DetectorKind,
     fingerprint: Option<String>,
-    (metrics, curves): (Vec<OodMetrics>, Vec<(Vec<f64>, Vec<f64>)>),
+    (metrics, curves): MetricRow,
     images_per_second: f64,
     nfe_per_image: f64,
 ) -> DetectorResult {
