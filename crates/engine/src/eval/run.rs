@@ -463,10 +463,7 @@ fn baseline_scores(
 type MetricRow = (Vec<OodMetrics>, Vec<(Vec<f64>, Vec<f64>)>);
 
 /// Metrics of `ind` against each OOD score vector, with the ROC curves.
-fn metric_row(
-    ind: &[f64],
-    oods: &[Vec<f64>],
-) -> Result<(Vec<OodMetrics>, Vec<(Vec<f64>, Vec<f64>)>)> {
+fn metric_row(ind: &[f64], oods: &[Vec<f64>]) -> Result<MetricRow> {
     let mut metrics = Vec::new();
     let mut curves = Vec::new();
     for ood in oods {
