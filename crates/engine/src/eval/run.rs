@@ -459,11 +459,11 @@ fn baseline_scores(
         .collect()
 }
 
+/// Per OOD set: metrics, and the (fpr, tpr) curve.
+type MetricRow = (Vec<OodMetrics>, Vec<(Vec<f64>, Vec<f64>)>);
+
 /// Metrics of `ind` against each OOD score vector, with the ROC curves.
-fn metric_row(
-    ind: &[f64],
-    oods: &[Vec<f64>],
-) -> Result<(Vec<OodMetrics>, Vec<(Vec<f64>, Vec<f64>)>)> {
+fn metric_row(ind: &[f64], oods: &[Vec<f64>]) -> Result<MetricRow> {
     let mut metrics = Vec::new();
     let mut curves = Vec::new();
     for ood in oods {
@@ -478,7 +478,7 @@ fn row(
     name: String,
     kind: DetectorKind,
     fingerprint: Option<String>,
-    (metrics, curves): (Vec<OodMetrics>, Vec<(Vec<f64>, Vec<f64>)>),
+    (metrics, curves): MetricRow,
     images_per_second: f64,
     nfe_per_image: f64,
 ) -> DetectorResult {
