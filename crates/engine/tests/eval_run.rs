@@ -230,7 +230,7 @@ fn calibration_hits_its_target_on_the_scores_it_computed() {
     // The highest threshold not above the target: at most the target, and within one image of it
     // (one image more would exceed it), unless ties with the threshold image stop it short.
     assert!(
-        global <= 0.25 && global >= 0.25 - 1.0 / 20.0,
+        (0.25 - 1.0 / 20.0..=0.25).contains(&global),
         "global FRR {global}"
     );
     for (label, c) in &t.per_class {
