@@ -1,4 +1,4 @@
-//! The shipped classifier (`models/fmnist-resnet`) loads and reaches the accuracy its training
+//! The shipped classifier (`models/fashion-mnist`, the default bundle) loads and reaches the accuracy its training
 //! report states, on a fixed subset of the Fashion-MNIST test split. Wrong, truncated or
 //! mismatched weights fall to chance (~10%) and fail.
 
@@ -14,9 +14,9 @@ const SUBSET: usize = 2_000;
 
 #[test]
 fn shipped_classifier_reaches_its_stated_accuracy() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fmnist-resnet");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-mnist");
     let fashion = default_fashion_dir();
-    if !dir.join("model.safetensors").exists() || !fashion.exists() {
+    if !dir.join("classifier.safetensors").exists() || !fashion.exists() {
         eprintln!(
             "SKIPPED: no shipped classifier at {} or no Fashion-MNIST at {}",
             dir.display(),
@@ -25,10 +25,13 @@ fn shipped_classifier_reaches_its_stated_accuracy() {
         return;
     }
     let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
-    let config: ResNetConfig = serde_json::from_slice(&read("config.json")).unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&read("train-report.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&read("bundle.json")).unwrap();
+    let config: ResNetConfig =
+        serde_json::from_value(manifest["classifier"]["resnet"].clone()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&read("classifier-report.json")).unwrap();
     let stated = report["test_accuracy"].as_f64().unwrap();
-    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+    let weights = candle_core::safetensors::load(dir.join("classifier.safetensors"), &Device::Cpu)
         .unwrap()
         .into_iter()
         .collect();
