@@ -6,41 +6,13 @@ use std::sync::Arc;
 
 use diffguard::config::DetectorConfig;
 use diffguard::guard::{DetectorError, Image, Job, build_detector};
-use diffguard_engine::bundle::{ClassifierEntry, DenoiserEntry, Manifest, write_untrained};
-use diffguard_engine::models::pixel_unet::PixelUNetConfig;
-use diffguard_engine::models::resnet::ResNetConfig;
-use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+use diffguard_engine::bundle::{Manifest, write_untrained};
 
 fn bundle(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("diffguard-det-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let manifest = Manifest {
-        name: "test".into(),
-        labels: (0..10).map(|i| format!("class{i}")).collect(),
-        classifier: ClassifierEntry {
-            weights: "classifier.safetensors".into(),
-            resnet: ResNetConfig::small(1, vec![8, 16], vec![1, 1], 10, vec![0.5], vec![0.5]),
-        },
-        denoiser: DenoiserEntry {
-            weights: "diffusion.safetensors".into(),
-            pixel_unet: PixelUNetConfig {
-                image_size: 28,
-                in_channels: 1,
-                model_channels: 32,
-                channel_mult: vec![1, 2],
-                num_res_blocks: 1,
-                attention_ds: vec![2],
-                num_head_channels: 32,
-                num_classes: 10,
-            },
-        },
-        recipe: Recipe::PixelCfg(PixelCfgRecipe {
-            ddim_steps: 10,
-            early_stop_steps: 4,
-            ..PixelCfgRecipe::default()
-        }),
-        thresholds: None,
-    };
+    // 10 DDIM steps, 6 of them inverted: short enough for a debug-build test.
+    let manifest = Manifest::tiny(10, 4);
     write_untrained(&dir, &manifest, 3).unwrap();
     dir
 }

@@ -118,6 +118,18 @@ fn redis_section(url: &str) -> String {
     )
 }
 
+/// The cluster connection is made in the background; readiness says when it is up.
+async fn wait_connected(g: &TestGuard) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.ops("/readyz").await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "guard never connected to the cluster"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(8);
     while !f() {
@@ -361,6 +373,9 @@ async fn redis_cluster_tier_shares_verdicts() {
         .route(&up, ROUTE)
         .start(TestDetector::new())
         .await;
+    // Verdicts scored before the cluster connection is up stay in memory only (by design), so the
+    // writes this test counts must wait for it.
+    wait_connected(&a).await;
     for img in &images {
         assert_eq!(
             a.post("/predictions/m", "image/png", img.clone())
@@ -381,15 +396,7 @@ async fn redis_cluster_tier_shares_verdicts() {
         .route(&up, ROUTE)
         .start(det.clone())
         .await;
-    // The cluster connection is made in the background; readiness says when it is up.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while b.ops("/readyz").await.status != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "guard never connected to the cluster"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_connected(&b).await;
     for img in &images {
         assert_eq!(
             b.post("/predictions/m", "image/png", img.clone())

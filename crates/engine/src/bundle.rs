@@ -85,6 +85,48 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// A tiny 10-class bundle (two-stage small ResNet, two-level pixel UNet) whose recipe runs
+    /// `ddim_steps` DDIM steps, `ddim_steps − early_stop_steps` of them inverted: fast enough for
+    /// tests and smoke runs on untrained weights (see [`write_untrained`]).
+    pub fn tiny(ddim_steps: usize, early_stop_steps: usize) -> Self {
+        Self {
+            name: "tiny".into(),
+            labels: (0..10).map(|i| format!("class{i}")).collect(),
+            classifier: ClassifierEntry {
+                weights: "classifier.safetensors".into(),
+                resnet: ResNetConfig::small(
+                    1,
+                    vec![8, 16],
+                    vec![1, 1],
+                    10,
+                    vec![0.286],
+                    vec![0.353],
+                ),
+            },
+            denoiser: DenoiserEntry {
+                weights: "diffusion.safetensors".into(),
+                pixel_unet: PixelUNetConfig {
+                    image_size: 28,
+                    in_channels: 1,
+                    model_channels: 32,
+                    channel_mult: vec![1, 2],
+                    num_res_blocks: 1,
+                    attention_ds: vec![2],
+                    num_head_channels: 32,
+                    num_classes: 10,
+                },
+            },
+            recipe: Recipe::PixelCfg(crate::recipe::PixelCfgRecipe {
+                ddim_steps,
+                early_stop_steps,
+                ..Default::default()
+            }),
+            thresholds: None,
+        }
+    }
+}
+
 /// A loaded bundle: the runnable detector, its fingerprint and its thresholds.
 pub struct Bundle {
     pub dir: PathBuf,

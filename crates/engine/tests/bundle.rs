@@ -4,41 +4,13 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use diffguard_engine::bundle::{Bundle, ClassifierEntry, DenoiserEntry, Manifest, write_untrained};
+use diffguard_engine::bundle::{Bundle, Manifest, write_untrained};
 use diffguard_engine::data::{FashionSplit, PixelRange, data_dir, fashion_mnist};
-use diffguard_engine::models::pixel_unet::PixelUNetConfig;
-use diffguard_engine::models::resnet::ResNetConfig;
-use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+use diffguard_engine::recipe::Recipe;
 
 fn tiny_manifest() -> Manifest {
-    Manifest {
-        name: "test".into(),
-        labels: (0..10).map(|i| format!("class{i}")).collect(),
-        classifier: ClassifierEntry {
-            weights: "classifier.safetensors".into(),
-            resnet: ResNetConfig::small(1, vec![8, 16], vec![1, 1], 10, vec![0.286], vec![0.353]),
-        },
-        denoiser: DenoiserEntry {
-            weights: "diffusion.safetensors".into(),
-            pixel_unet: PixelUNetConfig {
-                image_size: 28,
-                in_channels: 1,
-                model_channels: 32,
-                channel_mult: vec![1, 2],
-                num_res_blocks: 1,
-                attention_ds: vec![2],
-                num_head_channels: 32,
-                num_classes: 10,
-            },
-        },
-        // A short trajectory keeps the test fast: 10 DDIM steps, 6 of them inverted.
-        recipe: Recipe::PixelCfg(PixelCfgRecipe {
-            ddim_steps: 10,
-            early_stop_steps: 4,
-            ..PixelCfgRecipe::default()
-        }),
-        thresholds: None,
-    }
+    // A short trajectory keeps the test fast: 10 DDIM steps, 6 of them inverted.
+    Manifest::tiny(10, 4)
 }
 
 fn scratch(name: &str) -> PathBuf {

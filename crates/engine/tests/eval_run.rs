@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use diffguard_engine::bundle::{Bundle, ClassifierEntry, DenoiserEntry, Manifest, write_untrained};
+use diffguard_engine::bundle::{Bundle, Manifest, write_untrained};
 use diffguard_engine::data::data_dir;
 use diffguard_engine::eval::ThresholdsFile;
 use diffguard_engine::eval::calibration::{
@@ -14,39 +14,11 @@ use diffguard_engine::eval::calibration::{
 use diffguard_engine::eval::report::{GALLERY_IMG_CLASS, write_outputs};
 use diffguard_engine::eval::run::{DetectorKind, EvalConfig, EvalResults, evaluate};
 use diffguard_engine::eval::variants::variants;
-use diffguard_engine::models::pixel_unet::PixelUNetConfig;
-use diffguard_engine::models::resnet::ResNetConfig;
-use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+use diffguard_engine::recipe::Recipe;
 
 fn tiny_manifest() -> Manifest {
-    Manifest {
-        name: "tiny".into(),
-        labels: (0..10).map(|i| format!("class{i}")).collect(),
-        classifier: ClassifierEntry {
-            weights: "classifier.safetensors".into(),
-            resnet: ResNetConfig::small(1, vec![8, 16], vec![1, 1], 10, vec![0.286], vec![0.353]),
-        },
-        denoiser: DenoiserEntry {
-            weights: "diffusion.safetensors".into(),
-            pixel_unet: PixelUNetConfig {
-                image_size: 28,
-                in_channels: 1,
-                model_channels: 32,
-                channel_mult: vec![1, 2],
-                num_res_blocks: 1,
-                attention_ds: vec![2],
-                num_head_channels: 32,
-                num_classes: 10,
-            },
-        },
-        // 6 DDIM steps, 3 inverted: a short trajectory that still runs every stage.
-        recipe: Recipe::PixelCfg(PixelCfgRecipe {
-            ddim_steps: 6,
-            early_stop_steps: 3,
-            ..PixelCfgRecipe::default()
-        }),
-        thresholds: None,
-    }
+    // 6 DDIM steps, 3 inverted: a short trajectory that still runs every stage.
+    Manifest::tiny(6, 3)
 }
 
 fn scratch(name: &str) -> PathBuf {
