@@ -81,6 +81,11 @@ fn data_fashion_mnist_train_validation_split() {
         "train and validation must be disjoint and cover the file"
     );
 
+    // Pinned: an independent implementation (blake3 in Python, `scripts/torch_twin.py`'s
+    // `validation_indices`) gives the same split; every calibrated threshold depends on it.
+    assert_eq!(val_idx[..6], [6, 27, 36, 41, 55, 61]);
+    assert_eq!(val_idx.iter().sum::<usize>(), 148_947_780);
+
     let train = data::fashion_mnist(&dir, FashionSplit::Train).unwrap();
     let val = data::fashion_mnist(&dir, FashionSplit::Validation).unwrap();
     assert_eq!((train.len(), val.len()), (55_000, 5_000));

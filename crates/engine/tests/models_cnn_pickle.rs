@@ -215,8 +215,10 @@ fn lightning_ckpt() -> Vec<u8> {
     zip(&entries)
 }
 
-fn write_ckpt() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("models_cnn_pickle_{}", std::process::id()));
+/// Each test writes its own file: the pickle reader reads tensors lazily from the path, so a
+/// file shared between concurrently running tests could be rewritten under a reader.
+fn write_ckpt(test: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("models_cnn_pickle_{test}_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("last.ckpt");
     std::fs::write(&path, lightning_ckpt()).unwrap();
@@ -225,7 +227,7 @@ fn write_ckpt() -> std::path::PathBuf {
 
 #[test]
 fn nested_state_dict_loads_with_a_prefix() {
-    let ck = Checkpoint::open(write_ckpt()).unwrap();
+    let ck = Checkpoint::open(write_ckpt("nested")).unwrap();
     assert_eq!(ck.shapes().len(), 7, "{:?}", ck.shapes());
     let opts = LoadOptions::new(DType::F32, &Device::Cpu).with_prefix("model.diffusion_model.");
     let model = ck.load(&opts, Tiny::new).unwrap();
@@ -261,7 +263,7 @@ fn nested_state_dict_loads_with_a_prefix() {
 
 #[test]
 fn unprefixed_load_names_the_other_submodels() {
-    let ck = Checkpoint::open(write_ckpt()).unwrap();
+    let ck = Checkpoint::open(write_ckpt("unprefixed")).unwrap();
     let opts = LoadOptions::new(DType::F32, &Device::Cpu);
     let err = ck.load(&opts, Tiny::new).unwrap_err().to_string();
     assert!(

@@ -250,6 +250,11 @@ impl Checkpoint {
         E: Into<EngineError>,
     {
         let (built, mismatch) = self.build_and_compare(opts, build);
+        // A build that failed for its own reason (an unreadable tensor, say) stops before asking
+        // for the rest, which would then show up as "unused": report the cause, not the symptom.
+        if built.is_err() && mismatch.missing.is_empty() && mismatch.wrong_shape.is_empty() {
+            return built;
+        }
         if !mismatch.is_empty() {
             return Err(EngineError::WeightMismatch {
                 path: self.path.display().to_string(),
