@@ -54,7 +54,7 @@ pub struct CalibrateArgs {
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let bundle_dir = args.bundle.clone().unwrap_or_else(super::default_bundle);
     // The old thresholds may belong to other weights; calibration must not depend on them.
-    let bundle = super::open_bundle_for_calibration(&bundle_dir, &args.device)?;
+    let bundle = super::open_bundle_uncalibrated(&bundle_dir, &args.device)?;
     let out = args
         .out
         .clone()

@@ -59,7 +59,7 @@ pub struct EvalArgs {
 /// Runs the evaluation and writes the output folder; prints the Markdown table.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let bundle_dir = args.bundle.clone().unwrap_or_else(super::default_bundle);
-    let bundle = super::open_bundle(&bundle_dir, &args.device)?;
+    let bundle = super::open_bundle_uncalibrated(&bundle_dir, &args.device)?;
     let mut cfg = EvalConfig::new(args.data.clone().unwrap_or_else(data_dir));
     cfg.per_set = super::subset_size(args.per_set, args.all);
     cfg.val_size = super::subset_size(args.val_size, args.all);

@@ -17,20 +17,14 @@ fn default_bundle() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist")
 }
 
-/// Opens the bundle on the named device with a readable error.
-fn open_bundle(dir: &Path, device: &str) -> anyhow::Result<Bundle> {
-    let device = device_from_name(device)?;
-    Bundle::open(dir, &device)
-        .map_err(|e| anyhow::anyhow!("cannot open the bundle {}: {e}", dir.display()))
-}
-
 /// `--per-set N` / `--all` → the subset size (`None` = every image).
 fn subset_size(n: usize, all: bool) -> Option<usize> {
     (!all).then_some(n)
 }
 
-/// Opens the bundle without its (possibly stale) thresholds file.
-fn open_bundle_for_calibration(dir: &Path, device: &str) -> anyhow::Result<Bundle> {
+/// Opens the bundle without its thresholds file: measuring and calibrating need only the
+/// detector, and its thresholds are stale exactly when the weights or recipe just changed.
+fn open_bundle_uncalibrated(dir: &Path, device: &str) -> anyhow::Result<Bundle> {
     let device = device_from_name(device)?;
     Bundle::open_uncalibrated(dir, &device)
         .map_err(|e| anyhow::anyhow!("cannot open the bundle {}: {e}", dir.display()))

@@ -133,6 +133,8 @@ pub struct Bundle {
     pub manifest: Manifest,
     pub detector: DiffGuard,
     pub classifier: Arc<ResNet>,
+    /// The diffusion prior (also inside `detector`), for measuring it on its own.
+    pub denoiser: Arc<PixelUNet>,
     /// Recipe + weight hashes: what a thresholds file must be stamped with.
     pub fingerprint: String,
     pub thresholds: Option<ThresholdsFile>,
@@ -191,7 +193,7 @@ impl Bundle {
             _ => None,
         };
         let models = Models {
-            denoiser,
+            denoiser: denoiser.clone(),
             classifier: classifier.clone(),
             autoencoder: None,
             dists: None,
@@ -202,6 +204,7 @@ impl Bundle {
             manifest,
             detector,
             classifier,
+            denoiser,
             fingerprint,
             thresholds,
             device: device.clone(),

@@ -15,6 +15,7 @@
 //! - [`run`]: the evaluation runner (`diffguard eval`), with [`variants`] of the recipe and the
 //!   per-image score [`cache`] that makes runs resumable; [`report`] writes its output folder.
 //! - [`calibration`]: the calibration runner (`diffguard calibrate`).
+//! - [`quality`]: sample accuracy and inversion faithfulness of a diffusion prior.
 
 pub mod baselines;
 pub mod cache;
@@ -23,6 +24,7 @@ pub mod calibration;
 pub mod combine;
 pub mod metrics;
 pub mod outputs;
+pub mod quality;
 pub mod report;
 pub mod run;
 pub mod table;

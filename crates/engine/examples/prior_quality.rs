@@ -1,0 +1,199 @@
+//! The three quality numbers of a bundle's diffusion prior (models/README.md), measured with the
+//! engine's own DDIM: (a) the bundle classifier's accuracy on class-conditional CFG samples, per
+//! class; (b) reconstruction error of unconditional DDIM inversion + sampling on held-out test
+//! images, at the recipe's inversion depth and deeper; (c) a sample grid PNG (one row per class).
+//!
+//! ```text
+//! cargo run --release -p diffguard-engine --example prior_quality -- \
+//!     [--bundle models/fashion-mnist] [--per-class 20] [--steps 25] [--scale 3] \
+//!     [--recon 200] [--depths 12,19] [--grid models/fashion-mnist/samples.png] [--seed 0]
+//! ```
+
+// Shared with the train_* examples; this one needs only the flag parsing.
+#[allow(dead_code)]
+#[path = "train_common/args.rs"]
+mod args;
+
+use std::path::PathBuf;
+
+use candle_core::{D, Device, Tensor};
+use diffguard_engine::bundle::Bundle;
+use diffguard_engine::data::{FashionSplit, PixelRange, fashion_mnist};
+use diffguard_engine::eval::quality::{mse_psnr, reconstruct, sample};
+use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+use diffguard_engine::schedule::SpacedSchedule;
+use diffguard_engine::train::recipes::default_fashion_dir;
+use diffguard_engine::{Classifier, LabelId};
+
+type Res<T> = Result<T, String>;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn run() -> Res<()> {
+    let flags = args::Flags::parse()?;
+    let dir: PathBuf = flags.get("bundle", PathBuf::from("models/fashion-mnist"))?;
+    let bundle = Bundle::open_uncalibrated(&dir, &Device::Cpu).map_err(err)?;
+    let Recipe::PixelCfg(recipe) = &bundle.manifest.recipe else {
+        return Err(
+            "prior_quality measures pixel-cfg bundles (a class-conditional pixel prior)".into(),
+        );
+    };
+    let steps = flags.get("steps", 25usize)?;
+    let sched = SpacedSchedule::gdm(recipe.beta_schedule.clone(), recipe.diffusion_steps, steps)
+        .map_err(err)?;
+    println!("bundle {} · DDIM-{steps}", dir.display());
+    sample_accuracy(&flags, &bundle, &sched)?;
+    reconstruction(&flags, &bundle, recipe)?;
+    Ok(())
+}
+
+/// Samples `per-class` images of every class, classifies them, prints per-class accuracy and
+/// optionally writes the grid.
+fn sample_accuracy(flags: &args::Flags, bundle: &Bundle, sched: &SpacedSchedule) -> Res<()> {
+    let per_class = flags.get("per-class", 20usize)?;
+    let scale = flags.get("scale", 3.0f64)?;
+    let seed = flags.get("seed", 0u64)?;
+    let cfg = &bundle.manifest.denoiser.pixel_unet;
+    let chw = [cfg.in_channels, cfg.image_size, cfg.image_size];
+    let classes = cfg.num_classes;
+    let started = std::time::Instant::now();
+    let mut rows = Vec::with_capacity(classes);
+    let mut correct = vec![0usize; classes];
+    for c in 0..classes {
+        let labels = vec![LabelId(c as u32); per_class];
+        let x = sample(
+            bundle.denoiser.as_ref(),
+            sched,
+            &labels,
+            chw,
+            scale,
+            seed + c as u64,
+            &Device::Cpu,
+        )
+        .map_err(err)?;
+        let x01 = ((x + 1.0).map_err(err)? / 2.0).map_err(err)?;
+        let pred: Vec<u32> = bundle
+            .classifier
+            .forward(&x01)
+            .map_err(err)?
+            .logits
+            .argmax(D::Minus1)
+            .map_err(err)?
+            .to_vec1()
+            .map_err(err)?;
+        correct[c] = pred.iter().filter(|&&p| p == c as u32).count();
+        rows.push(x01);
+    }
+    println!(
+        "\n(a) classifier accuracy on DDIM-{} CFG-{scale} samples ({per_class} per class, {:.0} s)",
+        sched.len(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("| class | label | accuracy |\n|---|---|---|");
+    for (c, n) in correct.iter().enumerate() {
+        let name = &bundle.manifest.labels[c];
+        println!(
+            "| {c} | {name} | {:.1} % |",
+            100.0 * *n as f64 / per_class as f64
+        );
+    }
+    let total: usize = correct.iter().sum();
+    println!(
+        "| all | | **{:.1} %** |",
+        100.0 * total as f64 / (per_class * classes) as f64
+    );
+    if flags.has("grid") {
+        let path: PathBuf = flags.get("grid", PathBuf::from("samples.png"))?;
+        write_grid(&rows, per_class.min(10), &path)?;
+        println!("grid: {}", path.display());
+    }
+    Ok(())
+}
+
+/// One row per class, `cols` samples each, grey PNG.
+fn write_grid(rows: &[Tensor], cols: usize, path: &std::path::Path) -> Res<()> {
+    let row_imgs: Vec<Tensor> = rows
+        .iter()
+        .map(|r| {
+            // (N,1,H,W) → first `cols` side by side: (H, cols·W)
+            let r = r.narrow(0, 0, cols)?.squeeze(1)?;
+            let (n, h, w) = r.dims3()?;
+            r.transpose(0, 1)?.reshape((h, n * w))
+        })
+        .collect::<candle_core::Result<_>>()
+        .map_err(err)?;
+    let grid = Tensor::cat(&row_imgs, 0).map_err(err)?;
+    let (h, w) = grid.dims2().map_err(err)?;
+    let px: Vec<u8> = (grid * 255.0)
+        .and_then(|g| g.clamp(0f32, 255f32))
+        .and_then(|g| g.round())
+        .and_then(|g| g.flatten_all())
+        .and_then(|g| g.to_vec1::<f32>())
+        .map_err(err)?
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    image::GrayImage::from_raw(w as u32, h as u32, px)
+        .ok_or("grid buffer size mismatch")?
+        .save(path)
+        .map_err(err)
+}
+
+/// Inversion + reconstruction on a stratified subset of the test split, at several depths of the
+/// bundle recipe's own schedule.
+fn reconstruction(flags: &args::Flags, bundle: &Bundle, recipe: &PixelCfgRecipe) -> Res<()> {
+    let n = flags.get("recon", 200usize)?;
+    let sched = SpacedSchedule::gdm(
+        recipe.beta_schedule.clone(),
+        recipe.diffusion_steps,
+        recipe.ddim_steps,
+    )
+    .map_err(err)?;
+    // The recipe inverts at most ddim_steps − early_stop_steps steps; the deepest level shows the
+    // prior's own faithfulness.
+    let deepest = recipe.ddim_steps - recipe.early_stop_steps;
+    let depths = flags.list("depths", &[deepest, recipe.ddim_steps - 1])?;
+    let test = fashion_mnist(&default_fashion_dir(), FashionSplit::Test)
+        .and_then(|d| d.stratified(n, 0))
+        .map_err(err)?;
+    let x0 = test
+        .to_tensor(PixelRange::MinusOneOne, &Device::Cpu)
+        .map_err(err)?;
+    println!(
+        "\n(b) DDIM-{} inversion + reconstruction, {} test images (unconditional, no guidance)",
+        recipe.ddim_steps,
+        test.len()
+    );
+    println!(
+        "| depth (steps) | timestep | MSE [-1,1] mean | PSNR mean | PSNR median |\n|---|---|---|---|---|"
+    );
+    for depth in depths {
+        let mut errs = Vec::with_capacity(test.len());
+        for start in (0..test.len()).step_by(50) {
+            let len = 50.min(test.len() - start);
+            let x = x0.narrow(0, start, len).map_err(err)?;
+            let r = reconstruct(bundle.denoiser.as_ref(), &sched, &x, depth).map_err(err)?;
+            errs.extend(mse_psnr(&r, &x).map_err(err)?);
+        }
+        let mean = |f: fn(&(f64, f64)) -> f64| errs.iter().map(f).sum::<f64>() / errs.len() as f64;
+        let mut psnr: Vec<f64> = errs.iter().map(|e| e.1).collect();
+        psnr.sort_by(f64::total_cmp);
+        println!(
+            "| {depth} | {} | {:.5} | {:.2} dB | {:.2} dB |",
+            sched.timestep(depth).map_err(err)?,
+            mean(|e| e.0),
+            mean(|e| e.1),
+            psnr[psnr.len() / 2]
+        );
+    }
+    Ok(())
+}
