@@ -248,7 +248,84 @@ def child(key, mode, threads, reps_scale):
         "reps": len(wall), "wall_ms": median(wall), "cpu_ms": median(cpu), "peak_delta_mib": peak,
         "base_rss_mib": base / 1024, "build_s": build_s, "warmup_s": warm_s,
         "torch": torch.__version__,
+        # OpenMP spin-waits at barriers by default; on an oversubscribed machine that burns CPU
+        # time, so the setting in force is recorded with the numbers.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
+
+
+def op_cases(torch):
+    """The per-op cases of crates/engine/examples/bench_ops.rs, same names and shapes, so the
+    merge can put PyTorch next to the engine's and candle's numbers for each op."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.rand(shape, generator=g) * 2 - 1) * 1.7 * scale
+
+    cases = []
+    for bwd in (False, True):
+        mode = "fwd+bwd" if bwd else "fwd"
+        convs = [(1, 128, 128, 32, 3, 1), (8, 128, 128, 32, 3, 1), (8, 128, 128, 32, 3, 2),
+                 (8, 256, 128, 16, 1, 1), (8, 3, 128, 32, 3, 1)]
+        for shape in convs + ([(8, 128, 128, 32, 3, 1, "dW")] if bwd else []):
+            b, cin, cout, hw, k, st = shape[:6]
+            train = len(shape) == 7
+            name = f"conv{k}x{k}/s{st} {cin}->{cout} {hw}² B={b}{' +dW' if train else ''} {mode}"
+            ins = [rnd(b, cin, hw, hw), rnd(cout, cin, k, k, scale=0.05), rnd(cout)]
+            cases.append((name, ins, [True, train, train],
+                          lambda t, st=st, k=k: F.conv2d(t[0], t[1], t[2], st, k // 2), bwd))
+        gn_ins = [rnd(8, 128, 32, 32), rnd(128), rnd(128)]
+        cases.append((f"GroupNorm32 128c 32² B=8 {mode}", gn_ins, [True, False, False],
+                      lambda t: F.group_norm(t[0], 32, t[1], t[2], 1e-6), bwd))
+        cases.append((f"GroupNorm32+SiLU 128c 32² B=8 {mode}", gn_ins, [True, False, False],
+                      lambda t: F.silu(F.group_norm(t[0], 32, t[1], t[2], 1e-6)), bwd))
+        cases.append((f"SiLU 128c 32² B=8 {mode}", [rnd(8, 128, 32, 32)], [True],
+                      lambda t: F.silu(t[0]), bwd))
+        qkv = [rnd(8, 256, 128), rnd(8, 256, 128), rnd(8, 256, 128)]
+        # The explicit form the ADM reference uses (QKVAttentionLegacy), not the fused SDPA.
+        cases.append((f"attention 256tok d128 B=8 {mode}", qkv, [True, True, True],
+                      lambda t: torch.softmax(t[0] @ t[1].transpose(1, 2) / math.sqrt(128), -1) @ t[2],
+                      bwd))
+        for b in (1, 8):
+            ins = [rnd(b, 128, 32, 32), rnd(128, 128, 3, 3, scale=0.03), rnd(128), rnd(128), rnd(128)]
+
+            def resblock(t):
+                h = F.conv2d(F.silu(F.group_norm(t[0], 32, t[3], t[4], 1e-6)), t[1], t[2], 1, 1)
+                h = F.conv2d(F.silu(F.group_norm(h, 32, t[3], t[4], 1e-6)), t[1], t[2], 1, 1)
+                return h + t[0]
+
+            cases.append((f"resblock 128c 32² B={b} {mode}", ins, [True] + [False] * 4, resblock, bwd))
+    return cases
+
+
+def ops_child(threads, budget):
+    """bench_ops' timing rule: one warm-up, then calls until 3 and the budget; median wall,
+    mean CPU per call."""
+    import torch
+
+    torch.set_num_threads(threads)
+    for name, ins, track, f, bwd in op_cases(torch):
+        def call():
+            if bwd:
+                t = [x.clone().requires_grad_(tr) for x, tr in zip(ins, track)]
+                y = f(t)
+                y.backward(torch.ones_like(y))
+            else:
+                with torch.no_grad():
+                    f(ins)
+
+        call()
+        wall, cpu = [], 0.0
+        start = time.perf_counter()
+        while len(wall) < 3 or (time.perf_counter() - start < budget and len(wall) < 200):
+            t0, c0 = time.perf_counter(), time.process_time()
+            call()
+            cpu += time.process_time() - c0
+            wall.append((time.perf_counter() - t0) * 1e3)
+        print(json.dumps({"op": name, "threads": threads, "wall_ms": median(wall),
+                          "cpu_ms": cpu * 1e3 / len(wall)}), flush=True)
 
 
 def main():
@@ -258,8 +335,18 @@ def main():
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--reps-scale", type=float, default=1.0)
     ap.add_argument("--jsonl", help="append one JSON object per case")
+    ap.add_argument("--ops", action="store_true",
+                    help="per-op timings of bench_ops' cases instead (JSON lines on stdout)")
+    ap.add_argument("--quick", action="store_true", help="with --ops: bench_ops' --quick budget")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.ops:
+        for thr in a.threads.split(","):
+            env = dict(os.environ, OMP_NUM_THREADS=thr, MKL_NUM_THREADS=thr)
+            budget = "0.05" if a.quick else "0.6"
+            code = f"import sys; sys.path.insert(0, {HERE!r}); import bench_torch as b; b.ops_child({thr}, {budget})"
+            subprocess.run([sys.executable, "-c", code], env=env, check=True)
+        return 0
     if a.child:
         key, mode, thr = a.child.split(":")
         print(json.dumps(child(key, mode, int(thr), a.reps_scale)))
