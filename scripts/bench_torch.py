@@ -248,6 +248,9 @@ def child(key, mode, threads, reps_scale):
         "reps": len(wall), "wall_ms": median(wall), "cpu_ms": median(cpu), "peak_delta_mib": peak,
         "base_rss_mib": base / 1024, "build_s": build_s, "warmup_s": warm_s,
         "torch": torch.__version__,
+        # Parameters plus BN running statistics: what the Rust side counts as it fills weights.
+        "params": sum(p.numel() for p in net.parameters())
+        + sum(b.numel() for n, b in net.named_buffers() if "running_" in n),
         # OpenMP spin-waits at barriers by default; on an oversubscribed machine that burns CPU
         # time, so the setting in force is recorded with the numbers.
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),

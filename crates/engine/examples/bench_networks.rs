@@ -18,6 +18,7 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
@@ -92,6 +93,10 @@ const NETS: &[NetSpec] = &[
 /// constant hints other than 0 (norm scales, BN running variance) are kept.
 struct Fill;
 
+/// Elements handed out by [`Fill`]: the parameter count (with BN running statistics), reported so
+/// that a mismatch with the PyTorch definition of the same network shows.
+static FILLED: AtomicUsize = AtomicUsize::new(0);
+
 fn lcg_fill(n: usize, seed: u64, half_width: f32) -> Vec<f32> {
     let mut s = seed
         .wrapping_mul(6364136223846793005)
@@ -115,6 +120,7 @@ impl SimpleBackend for Fill {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        FILLED.fetch_add(s.elem_count(), Ordering::Relaxed);
         if let Init::Const(c) = h
             && c != 0.0
         {
@@ -306,7 +312,7 @@ fn child(key: &str, mode: &str, threads: &str, reps_scale: f64) -> Res<String> {
         concat!(
             r#"{{"impl":"ours","net":"{}","title":"{}","mode":"{}","threads":{},"reps":{},"#,
             r#""wall_ms":{:.3},"cpu_ms":{:.3},"peak_delta_mib":{},"base_rss_mib":{:.1},"#,
-            r#""build_s":{:.2},"warmup_s":{:.3}}}"#
+            r#""build_s":{:.2},"warmup_s":{:.3},"params":{}}}"#
         ),
         key,
         net.title,
@@ -318,7 +324,8 @@ fn child(key: &str, mode: &str, threads: &str, reps_scale: f64) -> Res<String> {
         peak_mib,
         base_kib as f64 / 1024.0,
         build_s,
-        warm_s
+        warm_s,
+        FILLED.load(Ordering::Relaxed)
     ))
 }
 
