@@ -86,14 +86,19 @@ pub struct DemoRow {
     pub latency: Duration,
 }
 
-/// Runs the demo with `detector`; returns the rows (the caller prints them).
-pub async fn run(detector: Arc<dyn Detector>, wait_ms: u64) -> anyhow::Result<Vec<DemoRow>> {
+/// Runs the demo with `detector` in front of `classifier` (the example upstream's model); returns
+/// the rows (the caller prints them).
+pub async fn run(
+    detector: Arc<dyn Detector>,
+    classifier: Arc<dyn upstream::Classifier>,
+    wait_ms: u64,
+) -> anyhow::Result<Vec<DemoRow>> {
     let up = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let up_addr = up.local_addr()?;
     let stop = tokio_util::sync::CancellationToken::new();
     let up_task = tokio::spawn(upstream::serve(
         up,
-        upstream::default_classifier(),
+        classifier,
         stop.clone().cancelled_owned(),
     ));
 

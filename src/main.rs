@@ -51,6 +51,9 @@ enum Command {
     /// List the weight files a recipe needs, where they are looked for, what is found and where
     /// to download each; `models fetch` downloads the missing ones.
     Models(diffguard::cli::models::ModelsArgs),
+    /// Train the classifier or the diffusion prior on Fashion-MNIST (resumable: rerun to continue).
+    #[command(subcommand)]
+    Train(diffguard::cli::train::TrainCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -102,6 +105,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Calibrate(a) => {
             tokio::task::spawn_blocking(move || diffguard::cli::calibrate::run(a)).await?
         }
+        Command::Train(cmd) => {
+            tokio::task::spawn_blocking(move || diffguard::cli::train::run(cmd)).await?
+        }
         Command::Models(args) => {
             tokio::task::spawn_blocking(move || diffguard::cli::models::run(&args)).await?
         }
@@ -134,12 +140,11 @@ async fn demo(wait_ms: u64) -> anyhow::Result<()> {
     let cfg = Config::load(None)?;
     let detector: Arc<dyn diffguard::guard::Detector> = build_detector(&cfg.detector)?;
     let ready = detector.ready();
-    let rows = diffguard::demo::run(detector.clone(), wait_ms).await?;
+    let classifier = diffguard::upstream::default_classifier();
+    let about = classifier.describe();
+    let rows = diffguard::demo::run(detector.clone(), classifier, wait_ms).await?;
     println!("{}", diffguard::demo::table(&rows));
-    println!(
-        "classifier: nearest-centroid on Fashion-MNIST (examples/assets/centroids.png); detector: {}",
-        detector.fingerprint()
-    );
+    println!("classifier: {about}; detector: {}", detector.fingerprint());
     if !ready {
         println!(
             "note: this build's detector is a placeholder (the DiffGuard engine is not wired in yet), so every verdict is `unverified`."

@@ -2,11 +2,13 @@
 //! Open Inference Protocol v2 and a custom JSON/multipart API. Used by `diffguard demo`, the tests,
 //! `examples/upstream.rs` and docker-compose.
 //!
-//! The model is a nearest-centroid classifier whose centroids are the class means of the 60,000
+//! The model is the project's trained Fashion-MNIST ResNet from the default bundle
+//! (`models/fashion-mnist`, or `$DIFFGUARD_BUNDLE`). If that bundle cannot be loaded, the upstream
+//! falls back to a nearest-centroid classifier whose centroids are the class means of the 60,000
 //! Fashion-MNIST training images (`examples/assets/centroids.png`, made by
-//! `examples/make_assets.rs`). It sits behind [`Classifier`]; swapping in another model is the one
-//! line in [`default_classifier`].
+//! `examples/make_assets.rs`) and says so on stderr. Both sit behind [`Classifier`].
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
@@ -43,11 +45,64 @@ pub trait Classifier: Send + Sync {
     fn classes(&self) -> &[&'static str];
     /// Logits for one image.
     fn logits(&self, image: &Image) -> Vec<f32>;
+    /// What the model is, for humans (the demo prints it).
+    fn describe(&self) -> String;
 }
 
-/// The classifier the example upstream serves. Swap the model here.
+/// The classifier the example upstream serves: the bundle's ResNet, else nearest-centroid.
 pub fn default_classifier() -> Arc<dyn Classifier> {
-    Arc::new(NearestCentroid::bundled())
+    let dir = match std::env::var_os("DIFFGUARD_BUNDLE") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist"),
+    };
+    match BundleResNet::open(&dir) {
+        Ok(model) => Arc::new(model),
+        Err(e) => {
+            eprintln!(
+                "example upstream: cannot load the ResNet of {} ({e}); serving nearest-centroid",
+                dir.display()
+            );
+            Arc::new(NearestCentroid::bundled())
+        }
+    }
+}
+
+/// The project's trained Fashion-MNIST ResNet, read from a bundle folder.
+pub struct BundleResNet {
+    net: diffguard_engine::models::resnet::ResNet,
+    source: PathBuf,
+}
+
+impl BundleResNet {
+    pub fn open(dir: &Path) -> Result<Self, diffguard_engine::EngineError> {
+        let cpu = diffguard_engine::bundle::device_from_name("cpu")?;
+        let (net, source) = diffguard_engine::bundle::open_classifier(dir, &cpu)?;
+        Ok(Self { net, source })
+    }
+}
+
+impl Classifier for BundleResNet {
+    fn classes(&self) -> &[&'static str] {
+        &FASHION_CLASSES
+    }
+    fn logits(&self, image: &Image) -> Vec<f32> {
+        if image.width == 0 || image.height == 0 {
+            return vec![0.0; 10];
+        }
+        // A model error on a decoded 28×28 image would be a bug, not bad input; answer
+        // "no preference" rather than failing the request.
+        self.net
+            .logits_from_pixels(to_28x28_gray(image), 1, 28, 28)
+            .ok()
+            .and_then(|mut rows| rows.pop())
+            .unwrap_or_else(|| vec![0.0; 10])
+    }
+    fn describe(&self) -> String {
+        format!(
+            "the project's Fashion-MNIST ResNet ({})",
+            self.source.display()
+        )
+    }
 }
 
 /// Nearest class mean in pixel space; logits are negative scaled squared distances.
@@ -112,6 +167,9 @@ impl Classifier for NearestCentroid {
                     / 784.0
             })
             .collect()
+    }
+    fn describe(&self) -> String {
+        "nearest-centroid on Fashion-MNIST (examples/assets/centroids.png)".into()
     }
 }
 

@@ -166,9 +166,13 @@ fn cli_demo_prints_a_verdict_table() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_rows_carry_the_classifier_label_and_cache_hit() {
-    let rows = diffguard::demo::run(TestDetector::new(), 5_000)
-        .await
-        .unwrap();
+    let rows = diffguard::demo::run(
+        TestDetector::new(),
+        diffguard::upstream::default_classifier(),
+        5_000,
+    )
+    .await
+    .unwrap();
     assert_eq!(rows.len(), diffguard::demo::IMAGES.len() + 1);
     for (row, (_, _, bytes)) in rows.iter().zip(diffguard::demo::IMAGES.iter()) {
         assert_eq!(row.status, 200);

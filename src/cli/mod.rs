@@ -1,12 +1,14 @@
 //! Offline commands of the `diffguard` binary, one module each: [`eval`] and [`calibrate`] measure
 //! and tune the detector on the engine's bundle and data loaders; [`models`] lists (and with the
-//! `fetch` feature downloads) the weight files a recipe needs. The proxy is not involved.
+//! `fetch` feature downloads) the weight files a recipe needs; [`train`] runs the training recipes.
+//! The proxy is not involved.
 
 pub mod calibrate;
 pub mod eval;
 #[cfg(feature = "fetch")]
 pub mod fetch;
 pub mod models;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

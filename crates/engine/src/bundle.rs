@@ -212,6 +212,15 @@ impl Bundle {
     }
 }
 
+/// The bundle's classifier alone, f32 on `device` (e.g. to serve it as a model), with the path of
+/// its weights.
+pub fn open_classifier(dir: &Path, device: &Device) -> Result<(ResNet, PathBuf)> {
+    let manifest = Manifest::read(dir)?;
+    let path = dir.join(&manifest.classifier.weights);
+    let net = ResNet::load(&path, &manifest.classifier.resnet, DType::F32, device)?;
+    Ok((net, path))
+}
+
 /// Decoded pixels as a client sent them: row-major, `channels` interleaved bytes per pixel.
 #[derive(Debug, Clone, Copy)]
 pub struct RawImage<'a> {

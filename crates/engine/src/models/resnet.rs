@@ -390,6 +390,28 @@ impl ResNet {
         &self.config
     }
 
+    /// Logits for `n` images given as plain pixels in [0,1], laid out (N, C, H, W) with the
+    /// model's channel count: for callers that hold pixels rather than tensors.
+    pub fn logits_from_pixels(
+        &self,
+        pixels: Vec<f32>,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = self.config.in_channels;
+        if pixels.len() != n * c * h * w {
+            return Err(EngineError::InvalidInput(format!(
+                "{} pixel values for {n} images of {c}×{h}×{w}",
+                pixels.len()
+            )));
+        }
+        let x = Tensor::from_vec(pixels, (n, c, h, w), self.mean.device())?;
+        let x = x.to_dtype(self.mean.dtype())?;
+        let logits = self.forward_t(&x, false)?.logits.to_dtype(DType::F32)?;
+        Ok(logits.to_vec2()?)
+    }
+
     /// Forward pass; `train` switches BatchNorm to batch statistics (training only).
     pub fn forward_t(&self, x01: &Tensor, train: bool) -> Result<ClassifierOutput> {
         let (_, c, _, _) = x01.dims4()?;
