@@ -48,8 +48,8 @@ fn run() -> Res<()> {
         );
     };
     let steps = flags.get("steps", 25usize)?;
-    let sched = SpacedSchedule::gdm(recipe.beta_schedule.clone(), recipe.diffusion_steps, steps)
-        .map_err(err)?;
+    let sched =
+        SpacedSchedule::gdm(recipe.beta_schedule, recipe.diffusion_steps, steps).map_err(err)?;
     println!("bundle {} · DDIM-{steps}", dir.display());
     sample_accuracy(&flags, &bundle, &sched)?;
     reconstruction(&flags, &bundle, recipe)?;
@@ -67,7 +67,7 @@ fn sample_accuracy(flags: &args::Flags, bundle: &Bundle, sched: &SpacedSchedule)
     let classes = cfg.num_classes;
     let started = std::time::Instant::now();
     let mut rows = Vec::with_capacity(classes);
-    let mut correct = vec![0usize; classes];
+    let mut correct = Vec::with_capacity(classes);
     for c in 0..classes {
         let labels = vec![LabelId(c as u32); per_class];
         let x = sample(
@@ -90,7 +90,7 @@ fn sample_accuracy(flags: &args::Flags, bundle: &Bundle, sched: &SpacedSchedule)
             .map_err(err)?
             .to_vec1()
             .map_err(err)?;
-        correct[c] = pred.iter().filter(|&&p| p == c as u32).count();
+        correct.push(pred.iter().filter(|&&p| p == c as u32).count());
         rows.push(x01);
     }
     println!(
@@ -153,7 +153,7 @@ fn write_grid(rows: &[Tensor], cols: usize, path: &std::path::Path) -> Res<()> {
 fn reconstruction(flags: &args::Flags, bundle: &Bundle, recipe: &PixelCfgRecipe) -> Res<()> {
     let n = flags.get("recon", 200usize)?;
     let sched = SpacedSchedule::gdm(
-        recipe.beta_schedule.clone(),
+        recipe.beta_schedule,
         recipe.diffusion_steps,
         recipe.ddim_steps,
     )
