@@ -2,7 +2,7 @@
 
 use std::io::Cursor;
 
-use image::{ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 
 use super::detector::Image;
 
@@ -26,31 +26,44 @@ pub enum DecodeError {
 
 /// Decodes to 8-bit gray (gray sources) or RGB (everything else); alpha is dropped.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, DecodeError> {
-    let reader = || {
-        ImageReader::new(Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| DecodeError::Invalid(e.to_string()))
-    };
-    let (width, height) = reader()?
-        .into_dimensions()
-        .map_err(|e| DecodeError::Invalid(e.to_string()))?;
-    if u64::from(width) * u64::from(height) > max_pixels {
+    decode_within(bytes, max_pixels, u64::MAX)?
+        .ok_or_else(|| DecodeError::Invalid("image larger than u64::MAX pixels".into()))
+}
+
+/// Like [`decode`], but returns `Ok(None)` without decoding any pixel when the image has more
+/// than `budget` pixels, so a caller can decode small images in place and hand big ones to a
+/// thread that may block.
+pub fn decode_within(
+    bytes: &[u8],
+    max_pixels: u64,
+    budget: u64,
+) -> Result<Option<Image>, DecodeError> {
+    let invalid = |e: image::ImageError| DecodeError::Invalid(e.to_string());
+    // One header parse serves the limit check and the decode.
+    let mut decoder = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DecodeError::Invalid(e.to_string()))?
+        .into_decoder()
+        .map_err(invalid)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
         return Err(DecodeError::TooLarge {
             width,
             height,
             limit: max_pixels,
         });
     }
-    let mut r = reader()?;
+    if pixels > budget {
+        return Ok(None);
+    }
     let mut limits = Limits::default();
     // Headroom for 16-bit RGBA intermediates; the pixel check above is the real bound.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).max(1 << 20));
-    r.limits(limits);
-    let img = r
-        .decode()
-        .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    decoder.set_limits(limits).map_err(invalid)?;
+    let img = DynamicImage::from_decoder(decoder).map_err(invalid)?;
     let gray = !img.color().has_color();
-    Ok(if gray {
+    Ok(Some(if gray {
         Image {
             width,
             height,
@@ -64,5 +77,5 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Image, DecodeError> {
             channels: 3,
             pixels: img.into_rgb8().into_raw(),
         }
-    })
+    }))
 }
