@@ -16,6 +16,10 @@
 //! load where wall time is not), and peak RSS above the post-build baseline (activations,
 //! gradients, scratch; the weights are excluded).
 
+#[path = "bench_common/clock.rs"]
+mod clock;
+use clock::cpu_ns;
+
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -211,20 +215,6 @@ fn build(key: &str, batch: usize) -> Res<Forward> {
         }
         other => return Err(format!("unknown network {other}").into()),
     })
-}
-
-/// CPU time of the whole process (all threads), in ns.
-fn cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through the valid pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// A `/proc/self/status` field in KiB (VmRSS, VmHWM).

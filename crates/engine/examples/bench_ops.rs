@@ -8,6 +8,10 @@
 //! over all threads of the process (clock_gettime; stable under machine load).
 //! Ours and candle's calls alternate in rounds so load changes hit both alike.
 
+#[path = "bench_common/clock.rs"]
+mod clock;
+use clock::cpu_ns;
+
 use candle_core::{D, Device, Module, Result, Tensor, Var};
 use diffguard_engine::ops::{activation, attention, conv, norm};
 use std::time::Instant;
@@ -79,20 +83,6 @@ fn case(
         ours: wrap(ours)?,
         theirs: wrap(theirs)?,
     })
-}
-
-/// CPU time of the whole process (all threads), in ns.
-fn cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through the valid pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// (median wall ms, mean CPU ms) per call of each closure, alternating rounds.
