@@ -4,10 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use diffguard_engine::bundle::{ClassifierEntry, DenoiserEntry, Manifest, write_untrained};
-use diffguard_engine::models::pixel_unet::PixelUNetConfig;
-use diffguard_engine::models::resnet::ResNetConfig;
-use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+use diffguard_engine::bundle::{Manifest, write_untrained};
+use diffguard_engine::recipe::PixelCfgRecipe;
 use serde_json::Value;
 
 const ADM_URL: &str =
@@ -194,29 +192,8 @@ fn explicit_file_is_final() {
 fn verified_bundle_passes() {
     let s = Scratch::new("bundle");
     let bundle = s.0.join("bundle");
-    let manifest = Manifest {
-        name: "test".into(),
-        labels: (0..10).map(|i| format!("class{i}")).collect(),
-        classifier: ClassifierEntry {
-            weights: "classifier.safetensors".into(),
-            resnet: ResNetConfig::small(1, vec![8, 16], vec![1, 1], 10, vec![0.3], vec![0.35]),
-        },
-        denoiser: DenoiserEntry {
-            weights: "diffusion.safetensors".into(),
-            pixel_unet: PixelUNetConfig {
-                image_size: 28,
-                in_channels: 1,
-                model_channels: 32,
-                channel_mult: vec![1, 2],
-                num_res_blocks: 1,
-                attention_ds: vec![2],
-                num_head_channels: 32,
-                num_classes: 10,
-            },
-        },
-        recipe: Recipe::PixelCfg(PixelCfgRecipe::default()),
-        thresholds: None,
-    };
+    let recipe = PixelCfgRecipe::default();
+    let manifest = Manifest::tiny(recipe.ddim_steps, recipe.early_stop_steps);
     write_untrained(&bundle, &manifest, 3).unwrap();
     let b = bundle.display().to_string();
     let out = models(&s, &["--recipe", "pixel-cfg", "--bundle", &b, "--verify"]);

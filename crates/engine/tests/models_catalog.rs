@@ -7,17 +7,16 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use diffguard_engine::bundle::{ClassifierEntry, DenoiserEntry, Manifest, write_untrained};
+use diffguard_engine::bundle::{Manifest, write_untrained};
 use diffguard_engine::models::adm_unet::AdmUNetConfig;
 use diffguard_engine::models::catalog::{
     Arch, ModelFile, SearchPaths, Status, Verification, Via, catalog, check, locate, verify,
 };
 use diffguard_engine::models::class_embedder::ClassEmbedderConfig;
 use diffguard_engine::models::ldm_unet::LdmUNetConfig;
-use diffguard_engine::models::pixel_unet::PixelUNetConfig;
 use diffguard_engine::models::resnet::{BlockKind, ResNetConfig};
 use diffguard_engine::models::vq::VqConfig;
-use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+use diffguard_engine::recipe::PixelCfgRecipe;
 
 fn goldens() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/goldens");
@@ -368,29 +367,11 @@ fn ldm_checkpoint_parts() {
 }
 
 fn tiny_manifest(width: usize) -> Manifest {
-    Manifest {
-        name: "test".into(),
-        labels: (0..10).map(|i| format!("class{i}")).collect(),
-        classifier: ClassifierEntry {
-            weights: "classifier.safetensors".into(),
-            resnet: ResNetConfig::small(1, vec![width, 16], vec![1, 1], 10, vec![0.3], vec![0.35]),
-        },
-        denoiser: DenoiserEntry {
-            weights: "diffusion.safetensors".into(),
-            pixel_unet: PixelUNetConfig {
-                image_size: 28,
-                in_channels: 1,
-                model_channels: 32,
-                channel_mult: vec![1, 2],
-                num_res_blocks: 1,
-                attention_ds: vec![2],
-                num_head_channels: 32,
-                num_classes: 10,
-            },
-        },
-        recipe: Recipe::PixelCfg(PixelCfgRecipe::default()),
-        thresholds: None,
-    }
+    let recipe = PixelCfgRecipe::default();
+    let mut m = Manifest::tiny(recipe.ddim_steps, recipe.early_stop_steps);
+    m.classifier.resnet.widths[0] = width;
+    m.classifier.resnet.stem_width = width;
+    m
 }
 
 /// pixel-cfg: the project's bundle, found in the bundle folder first, checked against the
