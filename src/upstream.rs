@@ -51,10 +51,7 @@ pub trait Classifier: Send + Sync {
 
 /// The classifier the example upstream serves: the bundle's ResNet, else nearest-centroid.
 pub fn default_classifier() -> Arc<dyn Classifier> {
-    let dir = match std::env::var_os("DIFFGUARD_BUNDLE") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist"),
-    };
+    let dir = crate::guard::diffguard::default_bundle_dir();
     match BundleResNet::open(&dir) {
         Ok(model) => Arc::new(model),
         Err(e) => {

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 
 use diffguard_engine::bundle::{Bundle, device_from_name};
 
-/// The default bundle: `$DIFFGUARD_BUNDLE` is read by clap; this is the source-tree fallback.
+/// The default bundle, as the guard resolves it (`$DIFFGUARD_BUNDLE` is also read by clap).
 fn default_bundle() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist")
+    crate::guard::diffguard::default_bundle_dir()
 }
 
 /// `--per-set N` / `--all` → the subset size (`None` = every image).

@@ -31,10 +31,15 @@ pub fn bundle_dir(cfg: &DetectorConfig) -> Result<PathBuf, DetectorError> {
         }
         None => {}
     }
-    Ok(match std::env::var_os(BUNDLE_ENV) {
+    Ok(default_bundle_dir())
+}
+
+/// `$DIFFGUARD_BUNDLE`, else the project's own Fashion-MNIST bundle in the source tree.
+pub fn default_bundle_dir() -> PathBuf {
+    match std::env::var_os(BUNDLE_ENV) {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist"),
-    })
+    }
 }
 
 /// The configured device name (`cpu` unless `detector.settings.device` says otherwise).
