@@ -165,14 +165,9 @@ impl Bundle {
                 manifest.classifier.resnet.num_classes
             )));
         }
-        let classifier_path = dir.join(&manifest.classifier.weights);
+        let (classifier, classifier_path) = classifier_of(dir, &manifest, device)?;
+        let classifier = Arc::new(classifier);
         let denoiser_path = dir.join(&manifest.denoiser.weights);
-        let classifier = Arc::new(ResNet::load(
-            &classifier_path,
-            &manifest.classifier.resnet,
-            DType::F32,
-            device,
-        )?);
         let opts = LoadOptions::new(DType::F32, device);
         let unet_config = manifest.denoiser.pixel_unet.clone();
         let denoiser = Arc::new(
@@ -215,7 +210,10 @@ impl Bundle {
 /// The bundle's classifier alone, f32 on `device` (e.g. to serve it as a model), with the path of
 /// its weights.
 pub fn open_classifier(dir: &Path, device: &Device) -> Result<(ResNet, PathBuf)> {
-    let manifest = Manifest::read(dir)?;
+    classifier_of(dir, &Manifest::read(dir)?, device)
+}
+
+fn classifier_of(dir: &Path, manifest: &Manifest, device: &Device) -> Result<(ResNet, PathBuf)> {
     let path = dir.join(&manifest.classifier.weights);
     let net = ResNet::load(&path, &manifest.classifier.resnet, DType::F32, device)?;
     Ok((net, path))
