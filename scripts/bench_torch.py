@@ -10,9 +10,14 @@ scripts/bench_vs_torch.sh can put the two side by side as ratios:
 - resnet50    torchvision-layout ResNet-50 (v1.5, normalisation inside), 224², B=1
 - adm64       guided-diffusion 256x256_diffusion_uncond widths, run on a 64² input, B=1
 - vgg16       VGG16 features to relu5_3 with piq's L2 pooling (DISTS), 224², B=1, forward only
+- adm256      the same ADM at the paper's 256², B=1, forward only
+- ldm64       latent-diffusion cin256-v2 UNet (SpatialTransformer, context 1x512) on its 64²
+              latent, B=1, forward only
 
-The UNets come from scripts/torch_twin.py (checked against the official guided-diffusion
-goldens); ResNet-50 and VGG16 are re-stated here because torchvision is not installed.
+The ADM UNets come from scripts/torch_twin.py (checked against the official guided-diffusion
+goldens); ResNet-50, VGG16 and the LDM UNet are re-stated here (torchvision is not installed and
+latent-diffusion is not a package), following the official modules op for op (the LDM attention
+is its einsum + softmax form, not a fused kernel).
 
 Modes: fwd under torch.no_grad(); fwdbwd with parameters frozen (requires_grad False) and the input
 requiring grad, backward seeded with ones (candle's non-scalar backward seeds ones too).
@@ -43,6 +48,8 @@ NETS = {
     "resnet50": ("ResNet-50 224² B=1", (1, 3, 224, 224), True, 5, 3.0),
     "adm64": ("ADM-256 widths at 64² B=1", (1, 3, 64, 64), True, 3, 4.0),
     "vgg16": ("VGG16 features (L2 pool) 224² B=1", (1, 3, 224, 224), False, 3, 3.0),
+    "adm256": ("ADM-256 uncond at 256² B=1", (1, 3, 256, 256), False, 2, 0.0),
+    "ldm64": ("LDM cin256-v2 UNet, 64² latent B=1", (1, 3, 64, 64), False, 3, 4.0),
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,6 +139,138 @@ def models():
                     h = F.relu(c(h))
             return h
 
+    class LdmResBlock(nn.Module):
+        """openaimodel ResBlock as cin256-v2 uses it: no scale-shift norm, additive embedding."""
+
+        def __init__(self, cin, emb, cout):
+            super().__init__()
+            self.in_layers = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(),
+                                           nn.Conv2d(cin, cout, 3, padding=1))
+            self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb, cout))
+            self.out_layers = nn.Sequential(nn.GroupNorm(32, cout), nn.SiLU(),
+                                            nn.Conv2d(cout, cout, 3, padding=1))
+            self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+        def forward(self, x, emb, ctx):
+            h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+            return self.skip(x) + self.out_layers(h)
+
+    class CrossAttention(nn.Module):
+        def __init__(self, dim, ctx_dim, heads, d_head):
+            super().__init__()
+            inner, self.heads, self.scale = heads * d_head, heads, d_head ** -0.5
+            self.to_q = nn.Linear(dim, inner, bias=False)
+            self.to_k = nn.Linear(ctx_dim, inner, bias=False)
+            self.to_v = nn.Linear(ctx_dim, inner, bias=False)
+            self.to_out = nn.Linear(inner, dim)
+
+        def forward(self, x, ctx=None):
+            ctx = x if ctx is None else ctx
+            b, h = x.shape[0], self.heads
+
+            def split(t):
+                return t.reshape(b, t.shape[1], h, -1).permute(0, 2, 1, 3).reshape(b * h, t.shape[1], -1)
+
+            q, k, v = split(self.to_q(x)), split(self.to_k(ctx)), split(self.to_v(ctx))
+            w = torch.einsum("bid,bjd->bij", q, k) * self.scale
+            out = torch.einsum("bij,bjd->bid", w.softmax(dim=-1), v)
+            out = out.reshape(b, h, out.shape[1], -1).permute(0, 2, 1, 3).reshape(b, out.shape[1], -1)
+            return self.to_out(out)
+
+    class TransformerBlock(nn.Module):
+        def __init__(self, dim, heads, d_head, ctx_dim):
+            super().__init__()
+            self.attn1 = CrossAttention(dim, dim, heads, d_head)
+            self.attn2 = CrossAttention(dim, ctx_dim, heads, d_head)
+            self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(dim) for _ in range(3))
+            self.ff_in, self.ff_out = nn.Linear(dim, 8 * dim), nn.Linear(4 * dim, dim)
+
+        def forward(self, x, ctx):
+            x = self.attn1(self.norm1(x)) + x
+            x = self.attn2(self.norm2(x), ctx) + x
+            a, gate = self.ff_in(self.norm3(x)).chunk(2, dim=-1)
+            return self.ff_out(a * F.gelu(gate)) + x
+
+    class SpatialTransformer(nn.Module):
+        def __init__(self, ch, ctx_dim):
+            super().__init__()
+            self.norm = nn.GroupNorm(32, ch, eps=1e-6)
+            self.proj_in = nn.Conv2d(ch, ch, 1)
+            self.block = TransformerBlock(ch, 1, ch, ctx_dim)  # legacy: 1 head of ch channels
+            self.proj_out = nn.Conv2d(ch, ch, 1)
+
+        def forward(self, x, emb, ctx):
+            b, c, hh, ww = x.shape
+            t = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+            t = self.block(t, ctx).transpose(1, 2).reshape(b, c, hh, ww)
+            return self.proj_out(t) + x
+
+    class Plain(nn.Module):
+        """A layer that takes neither the embedding nor the context (convs, resampling)."""
+
+        def __init__(self, *layers):
+            super().__init__()
+            self.f = nn.Sequential(*layers)
+
+        def forward(self, x, emb, ctx):
+            return self.f(x)
+
+    class Blocks(nn.ModuleList):
+        def forward(self, x, emb, ctx):
+            for layer in self:
+                x = layer(x, emb, ctx)
+            return x
+
+    class LdmUNet(nn.Module):
+        """openaimodel.UNetModel with cin256-v2's settings (LdmUNetConfig::cin256_v2)."""
+
+        def __init__(self, mc=192, mult=(1, 2, 3, 5), nrb=2, attn_ds=(8, 4, 2), ctx_dim=512):
+            super().__init__()
+            emb = 4 * mc
+            self.mc = mc
+            self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+            self.input_blocks = nn.ModuleList([Blocks([Plain(nn.Conv2d(3, mc, 3, padding=1))])])
+            ch, ds, chans = mc, 1, [mc]
+            for level, m in enumerate(mult):
+                for _ in range(nrb):
+                    layers = [LdmResBlock(ch, emb, m * mc)]
+                    ch = m * mc
+                    if ds in attn_ds:
+                        layers.append(SpatialTransformer(ch, ctx_dim))
+                    self.input_blocks.append(Blocks(layers))
+                    chans.append(ch)
+                if level + 1 != len(mult):
+                    self.input_blocks.append(Blocks([Plain(nn.Conv2d(ch, ch, 3, 2, 1))]))
+                    chans.append(ch)
+                    ds *= 2
+            self.middle = Blocks([LdmResBlock(ch, emb, ch), SpatialTransformer(ch, ctx_dim),
+                                  LdmResBlock(ch, emb, ch)])
+            self.output_blocks = nn.ModuleList()
+            for level, m in reversed(list(enumerate(mult))):
+                for i in range(nrb + 1):
+                    layers = [LdmResBlock(ch + chans.pop(), emb, m * mc)]
+                    ch = m * mc
+                    if ds in attn_ds:
+                        layers.append(SpatialTransformer(ch, ctx_dim))
+                    if level and i == nrb:
+                        layers.append(Plain(nn.Upsample(scale_factor=2, mode="nearest"),
+                                            nn.Conv2d(ch, ch, 3, padding=1)))
+                        ds //= 2
+                    self.output_blocks.append(Blocks(layers))
+            self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1))
+
+        def forward(self, x, t, ctx):
+            from torch_twin import timestep_embedding
+            emb = self.time_embed(timestep_embedding(t, self.mc))
+            hs, h = [], x
+            for block in self.input_blocks:
+                h = block(h, emb, ctx)
+                hs.append(h)
+            h = self.middle(h, emb, ctx)
+            for block in self.output_blocks:
+                h = block(torch.cat([h, hs.pop()], dim=1), emb, ctx)
+            return self.out(h)
+
     def shipped_pixel_cfg():
         with open(os.path.join(HERE, "..", "models", "fashion-mnist", "bundle.json")) as f:
             return json.load(f)["denoiser"]["pixel_unet"]
@@ -148,13 +287,17 @@ def models():
         if key == "resnet50":
             net = ResNet50()
             return net, net
-        if key == "adm64":
+        if key in ("adm64", "adm256"):
             # 256x256_diffusion_uncond: attention_resolutions 32,16,8 -> ds 8,16,32; 64 head channels.
             net = AdmUNet(3, 256, 6, 2, [1, 1, 2, 2, 4, 4], [8, 16, 32], 64, label_rows=None)
             return net, lambda x: net(x, t)
         if key == "vgg16":
             net = Vgg16L2()
             return net, net
+        if key == "ldm64":
+            net = LdmUNet()
+            ctx = (torch.rand(batch, 1, 512, generator=torch.Generator().manual_seed(5)) * 2 - 1)
+            return net, lambda x: net(x, t, ctx)
         raise SystemExit(f"unknown network {key}")
 
     return torch, build

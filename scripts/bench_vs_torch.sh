@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 TORCH_PY=${TORCH_PY:-/work/venv-torch/bin/python}
 NICE=${BENCH_NICE:-10}
 REPS=1
-NETS=unet-stack,pixel-ddpm,resnet50,adm64,vgg16
+NETS=unet-stack,pixel-ddpm,resnet50,adm64,vgg16,adm256,ldm64
 THREADS=1,2
 OUT=crates/engine/benches/bench_vs_torch.md
 OPS_OUT=crates/engine/benches/bench_vs_torch_ops.md

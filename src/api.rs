@@ -13,8 +13,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::StatusCode;
+use http::header::CONTENT_TYPE;
 
 use crate::guard::Guard;
+use crate::guard::registry::Entry;
 
 /// Longest an SSE stream stays open waiting for a verdict.
 const SSE_MAX_WAIT: Duration = Duration::from_secs(300);
@@ -43,29 +45,40 @@ fn not_found(id: &str) -> Response {
 }
 
 async fn verdict(State(guard): State<Arc<Guard>>, Path(id): Path<String>) -> Response {
-    let Some(rec) = guard.registry().get(&id).await else {
-        return not_found(&id);
-    };
-    let status = if rec.done() {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    (status, Json(rec.report())).into_response()
+    match guard.registry().get(&id).await {
+        None => not_found(&id),
+        Some(Entry::Settled(json)) => {
+            (StatusCode::OK, [(CONTENT_TYPE, "application/json")], json).into_response()
+        }
+        Some(Entry::Live(rec)) => {
+            let status = if rec.done() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            (status, Json(rec.report())).into_response()
+        }
+    }
 }
 
 async fn events(State(guard): State<Arc<Guard>>, Path(id): Path<String>) -> Response {
-    let Some(rec) = guard.registry().get(&id).await else {
+    let Some(entry) = guard.registry().get(&id).await else {
         return not_found(&id);
     };
     let stream = futures_util::stream::once(async move {
-        let done = rec.wait(SSE_MAX_WAIT).await;
-        let event = Event::default().event(if done { "verdict" } else { "timeout" });
-        Ok::<_, Infallible>(
-            event
-                .json_data(rec.report())
-                .unwrap_or_else(|_| Event::default().event("error")),
-        )
+        let event = match entry {
+            Entry::Settled(json) => Event::default()
+                .event("verdict")
+                .data(String::from_utf8_lossy(&json)),
+            Entry::Live(rec) => {
+                let done = rec.wait(SSE_MAX_WAIT).await;
+                Event::default()
+                    .event(if done { "verdict" } else { "timeout" })
+                    .json_data(rec.report())
+                    .unwrap_or_else(|_| Event::default().event("error"))
+            }
+        };
+        Ok::<_, Infallible>(event)
     });
     Sse::new(stream)
         .keep_alive(KeepAlive::default())

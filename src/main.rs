@@ -57,6 +57,8 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any network runs; it leaves glibc's own MALLOC_* variables in charge when set.
+    diffguard_engine::malloc::keep_large_buffers();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

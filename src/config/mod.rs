@@ -88,7 +88,8 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectorConfig {
-    /// Which detector `build_detector` makes (`diffguard`).
+    /// Which detector `build_detector` makes: `diffguard` (the engine on a model bundle) or
+    /// `logits` (model-free confidence scores of the upstream's own logits).
     pub kind: String,
     /// Dedicated OS threads running the detector.
     pub threads: usize,

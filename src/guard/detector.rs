@@ -99,8 +99,10 @@ pub fn build_detector(cfg: &DetectorConfig) -> Result<Arc<dyn Detector>, Detecto
                 cfg.num_classes,
             )?))
         }
+        super::logits::KIND => Ok(Arc::new(super::logits::LogitsDetector::from_config(cfg)?)),
         other => Err(DetectorError::Unavailable(format!(
-            "unknown detector.kind `{other}` (known: diffguard)"
+            "unknown detector.kind `{other}` (known: diffguard, {})",
+            super::logits::KIND
         ))),
     }
 }

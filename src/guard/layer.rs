@@ -28,7 +28,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
 use tower::{Layer, Service, ServiceExt};
 use tracing::{Instrument, field::Empty};
 
-use super::registry::{InstanceSlot, RequestRecord};
+use super::registry::{InstanceSlot, RequestRecord, VerdictRegistry};
 use super::verdict::{Outcome, Verdict, VerdictReport};
 use super::{Guard, Image, decode, policy};
 use crate::config::{
@@ -316,7 +316,7 @@ where
         .map_err(|e| GuardError::UpstreamUnreadable(e.to_string()))?;
     let record = score(guard, route, &images, &body).await;
     let record = Arc::new(record);
-    guard.registry().insert(record.clone()).await;
+    guard.registry().insert(&record).await;
     tracing::Span::current().record("diffguard.id", record.id.as_str());
 
     if policy::waits(route.policy.mode) {
@@ -330,7 +330,7 @@ where
             .await;
     }
     let report = record.report();
-    observe(route, &report, &record);
+    observe(guard.registry(), route, &report, &record);
     match policy::decide(&route.policy, report.verdict) {
         policy::Decision::Reject => Err(GuardError::Rejected(Box::new(report))),
         // Fail closed with no readable prediction: the upstream's answer is at fault, not the scorer.
@@ -429,7 +429,12 @@ async fn score(
 }
 
 /// Span attributes, metrics and the OOD event; late verdicts are observed when they arrive.
-fn observe(route: &RouteGuard, report: &VerdictReport, record: &Arc<RequestRecord>) {
+fn observe(
+    registry: &VerdictRegistry,
+    route: &RouteGuard,
+    report: &VerdictReport,
+    record: &Arc<RequestRecord>,
+) {
     let span = tracing::Span::current();
     span.record("diffguard.verdict", report.verdict.as_str());
     span.record(
@@ -461,14 +466,19 @@ fn observe(route: &RouteGuard, report: &VerdictReport, record: &Arc<RequestRecor
             .iter()
             .all(|i| i.cache == super::CacheStatus::Hit),
     );
+    let registry = registry.clone();
     if record.done() {
         record_outcome(route, report);
+        let record = record.clone();
+        // The answer was waited for after the record went in live; keep only its compact form.
+        tokio::spawn(async move { registry.settle(&record).await });
         return;
     }
     let (route, record, parent) = (route.clone(), record.clone(), span.clone());
     tokio::spawn(async move {
         // Bounded: the registry forgets the id after its retention anyway.
         record.wait(Duration::from_secs(300)).await;
+        registry.settle(&record).await;
         let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %route.name);
         late.follows_from(&parent);
         let _e = late.enter();

@@ -1,6 +1,8 @@
 //! The guard: from an image and a predicted label to a verdict, under a route's policy.
 //!
 //! - [`detector`]: the `Detector` seam and its factory.
+//! - [`diffguard`]: the DiffGuard detector (the engine, from a model bundle).
+//! - [`logits`]: a model-free detector on the upstream's own logits (energy, max-logit, MSP).
 //! - [`decode`]: image decoding with pixel limits.
 //! - [`verdict`]: verdicts, outcomes, cache keys, reports.
 //! - [`queue`]: bounded, micro-batched, single-flight scoring on OS threads.
@@ -12,6 +14,7 @@ pub mod decode;
 pub mod detector;
 pub mod diffguard;
 pub mod layer;
+pub mod logits;
 pub mod policy;
 pub mod queue;
 pub mod registry;

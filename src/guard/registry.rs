@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use moka::future::Cache;
 
 use super::queue::Slot;
@@ -109,14 +110,26 @@ impl RequestRecord {
     }
 }
 
+/// What the registry keeps for one id.
+#[derive(Clone)]
+pub enum Entry {
+    /// Some instance is still being scored: the record with its outcome channels.
+    Live(Arc<RequestRecord>),
+    /// Every outcome is known: only the final report, rendered as the JSON the API serves. A
+    /// record with its channels and diagnostics maps costs ~2 KB; this costs a few hundred bytes,
+    /// and under load almost every request is settled when it is answered (cache hits).
+    Settled(Bytes),
+}
+
 /// Verdict ids → records, bounded and expiring.
 #[derive(Clone)]
 pub struct VerdictRegistry {
-    records: Cache<String, Arc<RequestRecord>>,
+    records: Cache<u128, Entry>,
 }
 
 impl VerdictRegistry {
-    /// Keeps `capacity` ids for `retention` each.
+    /// Keeps `capacity` ids for `retention` each (counted from the last change: the final
+    /// verdict of a late record restarts it).
     pub fn new(capacity: u64, retention: Duration) -> Self {
         Self {
             records: Cache::builder()
@@ -126,13 +139,121 @@ impl VerdictRegistry {
         }
     }
 
-    /// Remembers a record.
-    pub async fn insert(&self, rec: Arc<RequestRecord>) {
-        self.records.insert(rec.id.clone(), rec).await;
+    /// Remembers a record: settled at once when every outcome is already known.
+    pub async fn insert(&self, rec: &Arc<RequestRecord>) {
+        let Some(key) = key_of(&rec.id) else {
+            return;
+        };
+        let entry = settled(rec).unwrap_or_else(|| Entry::Live(rec.clone()));
+        self.records.insert(key, entry).await;
+    }
+
+    /// Replaces a live record that has finished by its compact form; an id the registry has
+    /// already forgotten stays forgotten.
+    pub async fn settle(&self, rec: &RequestRecord) {
+        let (Some(key), Some(entry)) = (key_of(&rec.id), settled(rec)) else {
+            return;
+        };
+        if self.records.contains_key(&key) {
+            self.records.insert(key, entry).await;
+        }
     }
 
     /// Looks an id up.
-    pub async fn get(&self, id: &str) -> Option<Arc<RequestRecord>> {
-        self.records.get(id).await
+    pub async fn get(&self, id: &str) -> Option<Entry> {
+        self.records.get(&key_of(id)?).await
+    }
+}
+
+/// Ids are UUIDs; anything else is unknown.
+fn key_of(id: &str) -> Option<u128> {
+    uuid::Uuid::parse_str(id).ok().map(|u| u.as_u128())
+}
+
+fn settled(rec: &RequestRecord) -> Option<Entry> {
+    if !rec.done() {
+        return None;
+    }
+    serde_json::to_vec(&rec.report())
+        .ok()
+        .map(|json| Entry::Settled(Bytes::from(json)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guard::detector::Score;
+
+    fn record(slot: InstanceSlot) -> Arc<RequestRecord> {
+        Arc::new(RequestRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            route: "r".into(),
+            detector: "d".into(),
+            instances: vec![slot],
+        })
+    }
+
+    fn scored(score: f32) -> Outcome {
+        Outcome::Scored(Score {
+            score,
+            threshold: 1.0,
+            diagnostics: Default::default(),
+        })
+    }
+
+    fn registry() -> VerdictRegistry {
+        VerdictRegistry::new(100, Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn a_settled_record_is_kept_as_its_report_json() {
+        let reg = registry();
+        let rec = record(InstanceSlot::resolved(
+            Some(3),
+            None,
+            CacheStatus::Hit,
+            scored(2.5),
+        ));
+        reg.insert(&rec).await;
+        let Some(Entry::Settled(json)) = reg.get(&rec.id).await else {
+            panic!("a finished record must be stored settled");
+        };
+        let back: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(back, serde_json::to_value(rec.report()).expect("report"));
+        assert_eq!(back["verdict"], "ood");
+    }
+
+    #[tokio::test]
+    async fn a_live_record_settles_when_its_outcome_arrives() {
+        let reg = registry();
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let rec = record(InstanceSlot {
+            label: Some(1),
+            label_name: None,
+            cache: CacheStatus::Miss,
+            slot: rx,
+        });
+        reg.insert(&rec).await;
+        assert!(matches!(reg.get(&rec.id).await, Some(Entry::Live(_))));
+        reg.settle(&rec).await; // not done yet: stays live
+        assert!(matches!(reg.get(&rec.id).await, Some(Entry::Live(_))));
+        tx.send(Some(scored(0.5))).expect("receiver alive");
+        reg.settle(&rec).await;
+        let Some(Entry::Settled(json)) = reg.get(&rec.id).await else {
+            panic!("a finished record must settle");
+        };
+        let back: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(back["verdict"], "in-distribution");
+    }
+
+    #[tokio::test]
+    async fn unknown_malformed_and_forgotten_ids_are_absent() {
+        let reg = registry();
+        assert!(reg.get("not-a-uuid").await.is_none());
+        assert!(reg.get(&uuid::Uuid::new_v4().to_string()).await.is_none());
+        // settle never resurrects an id the registry does not hold.
+        let rec = record(InstanceSlot::resolved(None, None, CacheStatus::Miss, scored(0.1)));
+        reg.settle(&rec).await;
+        assert!(reg.get(&rec.id).await.is_none());
     }
 }

@@ -5,7 +5,8 @@
 //! both, interleaved case by case, and writes the ratio table.
 //!
 //! `cargo run --release -p diffguard-engine --example bench_networks --
-//!     [--nets unet-stack,pixel-ddpm,resnet50,adm64,vgg16] [--threads 1,2] [--modes fwd,fwdbwd]
+//!     [--nets unet-stack,pixel-ddpm,resnet50,adm64,vgg16,adm256,ldm64] [--threads 1,2]
+//!     [--modes fwd,fwdbwd] [--glibc-defaults]
 //!     [--reps-scale F] [--jsonl PATH]`
 //!
 //! Every (network, threads, mode) runs in a fresh child process: the rayon pool size is fixed at
@@ -14,11 +15,15 @@
 //! mark, one warm-up call, then timed calls until both a minimum count and a time budget are met.
 //! Reported: median wall ms and median process CPU ms per call (all threads; stable under machine
 //! load where wall time is not), and peak RSS above the post-build baseline (activations,
-//! gradients, scratch; the weights are excluded).
+//! gradients, scratch; the weights are excluded). Children tune malloc as the `diffguard` binary
+//! does (`diffguard_engine::malloc`); `--glibc-defaults` measures glibc's stock behaviour.
 
 #[path = "bench_common/clock.rs"]
 mod clock;
+#[path = "bench_common/rss.rs"]
+mod rss;
 use clock::cpu_ns;
+use rss::{peak_delta_mib, reset_peak_rss, status_kib};
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -30,6 +35,7 @@ use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
 use diffguard_engine::models::adm_unet::{
     AdmUNet, AdmUNetConfig, AttentionBlock, ContextLayer, UNetModel, UNetSpec,
 };
+use diffguard_engine::models::ldm_unet::{LdmUNet, LdmUNetConfig};
 use diffguard_engine::models::pixel_unet::{PixelUNet, PixelUNetConfig};
 use diffguard_engine::models::resnet::{ResNet, ResNetConfig};
 use diffguard_engine::models::vgg::{Vgg16Features, VggConfig};
@@ -88,6 +94,22 @@ const NETS: &[NetSpec] = &[
         backward: false,
         min_reps: 3,
         budget_s: 3.0,
+    },
+    NetSpec {
+        key: "adm256",
+        title: "ADM-256 uncond at 256² B=1",
+        input: &[1, 3, 256, 256],
+        backward: false,
+        min_reps: 2,
+        budget_s: 0.0,
+    },
+    NetSpec {
+        key: "ldm64",
+        title: "LDM cin256-v2 UNet, 64² latent B=1",
+        input: &[1, 3, 64, 64],
+        backward: false,
+        min_reps: 3,
+        budget_s: 4.0,
     },
 ];
 
@@ -202,7 +224,7 @@ fn build(key: &str, batch: usize) -> Res<Forward> {
             let net = ResNet::new(vb(), &ResNetConfig::resnet50(1000))?;
             Box::new(move |x| Ok(net.forward_t(x, false)?.logits))
         }
-        "adm64" => {
+        "adm64" | "adm256" => {
             let net = AdmUNet::new(vb(), AdmUNetConfig::imagenet256_uncond())?;
             Box::new(move |x| Ok(net.forward(x, &t, None)?))
         }
@@ -213,27 +235,13 @@ fn build(key: &str, batch: usize) -> Res<Forward> {
                 Ok(stages.pop().ok_or("VGG16 returned no stages")?)
             })
         }
+        "ldm64" => {
+            let net = LdmUNet::new(vb(), LdmUNetConfig::cin256_v2())?;
+            let ctx = Tensor::from_vec(lcg_fill(batch * 512, 5, 1.0), (batch, 1, 512), &Device::Cpu)?;
+            Box::new(move |x| Ok(net.forward(x, &t, &ctx)?))
+        }
         other => return Err(format!("unknown network {other}").into()),
     })
-}
-
-/// A `/proc/self/status` field in KiB (VmRSS, VmHWM).
-fn status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0), so the peak afterwards
-/// is the peak of the timed calls alone.
-fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -292,12 +300,7 @@ fn child(key: &str, mode: &str, threads: &str, reps_scale: f64) -> Res<String> {
         cpu.push((cpu_ns() - c0) as f64 / 1e6);
         wall.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    let peak_kib = status_kib("VmHWM:");
-    let peak_mib = if peak_ok {
-        format!("{:.1}", peak_kib.saturating_sub(base_kib) as f64 / 1024.0)
-    } else {
-        "null".into()
-    };
+    let peak_mib = peak_delta_mib(peak_ok, base_kib).map_or("null".into(), |m| format!("{m:.1}"));
     Ok(format!(
         concat!(
             r#"{{"impl":"ours","net":"{}","title":"{}","mode":"{}","threads":{},"reps":{},"#,
@@ -333,6 +336,10 @@ fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
     let reps_scale: f64 = arg_list(&args, "--reps-scale", "1")[0].parse()?;
     if let Ok(case) = std::env::var("BENCH_NETWORKS_CHILD") {
+        // As the diffguard binary runs them, unless glibc's defaults are asked for.
+        if !args.iter().any(|a| a == "--glibc-defaults") {
+            diffguard_engine::malloc::keep_large_buffers();
+        }
         let parts: Vec<&str> = case.split(':').collect();
         let [key, mode, threads] = parts[..] else {
             return Err(format!("bad child case {case}").into());

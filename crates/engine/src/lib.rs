@@ -13,6 +13,7 @@
 //! - [`ops`]: differentiable tensor ops candle lacks or gets wrong.
 //! - [`data`]: real dataset loaders (Fashion-MNIST, MNIST, Animal-MNIST, image folders).
 //! - [`eval`]: OOD metrics and baseline detectors.
+//! - [`malloc`]: the process-wide allocator setting the networks run fastest with.
 
 pub mod bundle;
 pub mod data;
@@ -21,6 +22,7 @@ pub mod early_stop;
 pub mod error;
 pub mod eval;
 pub mod guidance;
+pub mod malloc;
 pub mod model;
 pub mod models;
 pub mod ops;

@@ -1,0 +1,215 @@
+//! Per-image speed of the whole DiffGuard pipeline (issue 2) on the project's own bundle, per
+//! recipe variant: images/s, network evaluations per image and peak memory, plus every image's
+//! score so that `scripts/torch_pipeline.py` (the same computation in PyTorch, structured like
+//! the official code) can be checked against it. `scripts/bench_pipeline_vs_torch.sh` runs both
+//! in one go and writes the ratio table.
+//!
+//! `cargo run --release -p diffguard-engine --example bench_pipeline --
+//!     [--bundle DIR] [--images 64] [--batch 32] [--reps 3] [--threads 1]
+//!     [--variants recipe,aes,clean-grad,aes+clean-grad] [--jsonl PATH]`
+//!
+//! The images are the first `--images` of the Fashion-MNIST test split (`$DIFFGUARD_DATA`, see
+//! `scripts/fetch-data.sh`), scored against the labels the classifier predicts, `--batch` at a
+//! time, as the guard's batcher would. Every (variant, threads) runs in a fresh child process
+//! (rayon's pool size is fixed at first use, and the peak-RSS reading must not see memory an
+//! earlier case left behind). Per case: one warm-up batch, then `--reps` timed passes over all
+//! images; reported are the medians of process CPU time and wall time per image.
+
+#[path = "bench_common/clock.rs"]
+mod clock;
+#[path = "bench_common/rss.rs"]
+mod rss;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use clock::cpu_ns;
+use diffguard_engine::bundle::Bundle;
+use diffguard_engine::data::{FashionSplit, PixelRange, data_dir, fashion_mnist};
+use diffguard_engine::eval::variants::variant;
+use diffguard_engine::pipeline::{DiffGuard, ImageResult};
+use diffguard_engine::recipe::Recipe;
+use rss::{peak_delta_mib, reset_peak_rss, status_kib};
+
+type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn arg<'a>(args: &'a [String], flag: &str, default: &'a str) -> &'a str {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, String::as_str)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn default_bundle() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-mnist")
+}
+
+/// `a+b`: variant `b` applied on top of variant `a` (e.g. `aes+clean-grad`, the paper's GDM
+/// combination of adaptive early stop and Clean Grad).
+fn combined_variant(base: &Recipe, id: &str) -> Res<(Recipe, String)> {
+    let mut recipe = base.clone();
+    let mut names = Vec::new();
+    for part in id.split('+') {
+        let v = variant(&recipe, part)?
+            .ok_or_else(|| format!("variant {part} does not apply to this bundle's recipe"))?;
+        recipe = v.recipe;
+        names.push(v.name);
+    }
+    let name = names.join(" + ").replace(" + DiffGuard + ", " + ");
+    Ok((recipe, name))
+}
+
+/// One timed pass over all images, `batch` at a time.
+fn pass(det: &DiffGuard, x: &Tensor, batch: usize) -> Res<Vec<ImageResult>> {
+    let n = x.dim(0)?;
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(batch) {
+        let len = batch.min(n - start);
+        out.extend(det.score(&x.narrow(0, start, len)?, None)?);
+    }
+    Ok(out)
+}
+
+fn mean_of(results: &[ImageResult], f: impl Fn(&ImageResult) -> usize) -> f64 {
+    results.iter().map(&f).sum::<usize>() as f64 / results.len().max(1) as f64
+}
+
+fn child(args: &[String], variant_id: &str, threads: &str) -> Res<String> {
+    let bundle_dir = PathBuf::from(arg(args, "--bundle", ""));
+    let bundle_dir = if bundle_dir.as_os_str().is_empty() {
+        default_bundle()
+    } else {
+        bundle_dir
+    };
+    let images: usize = arg(args, "--images", "64").parse()?;
+    let batch: usize = arg(args, "--batch", "32").parse()?;
+    let reps: usize = arg(args, "--reps", "3").parse::<usize>()?.max(1);
+    let bundle = Bundle::open_uncalibrated(&bundle_dir, &Device::Cpu)?;
+    let (recipe, name) = combined_variant(&bundle.manifest.recipe, variant_id)?;
+    let det = bundle.detector.with_recipe(recipe.clone())?;
+    let test = fashion_mnist(&data_dir().join("fashion-mnist"), FashionSplit::Test)?;
+    let idx: Vec<usize> = (0..images.min(test.len())).collect();
+    let x = test.batch_tensor(&idx, PixelRange::MinusOneOne, &Device::Cpu)?;
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let peak_ok = reset_peak_rss();
+    let base_kib = status_kib("VmRSS:");
+    let t_warm = Instant::now();
+    pass(&det, &x.narrow(0, 0, batch.min(idx.len()))?, batch)?;
+    let warm_s = t_warm.elapsed().as_secs_f64();
+    let (mut wall, mut cpu) = (vec![], vec![]);
+    let mut results = Vec::new();
+    for _ in 0..reps {
+        let (t0, c0) = (Instant::now(), cpu_ns());
+        results = pass(&det, &x, batch)?;
+        cpu.push((cpu_ns() - c0) as f64 / 1e6 / idx.len() as f64);
+        wall.push(t0.elapsed().as_secs_f64() * 1e3 / idx.len() as f64);
+    }
+    let peak = peak_delta_mib(peak_ok, base_kib);
+    let scores: Vec<f64> = results.iter().map(|r| r.score).collect();
+    let k_star: Vec<Option<usize>> = results.iter().map(|r| r.k_star).collect();
+    let labels: Vec<u32> = results.iter().map(|r| r.label.0).collect();
+    let line = serde_json::json!({
+        "impl": "ours",
+        "structure": "batched",
+        "variant": variant_id,
+        "name": name,
+        "threads": threads.parse::<usize>()?,
+        "images": idx.len(),
+        "batch": batch,
+        "reps": reps,
+        "cpu_ms_per_image": median(cpu),
+        "wall_ms_per_image": median(wall),
+        "warmup_s": warm_s,
+        "peak_delta_mib": peak,
+        "nfe": {
+            "denoiser": mean_of(&results, |r| r.nfe.denoiser),
+            "classifier_forward": mean_of(&results, |r| r.nfe.classifier_forward),
+            "classifier_backward": mean_of(&results, |r| r.nfe.classifier_backward),
+        },
+        "recipe": recipe,
+        "labels": labels,
+        "k_star": k_star,
+        "scores": scores,
+    });
+    Ok(line.to_string())
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Ok(case) = std::env::var("BENCH_PIPELINE_CHILD") {
+        // As the diffguard binary runs the detector.
+        diffguard_engine::malloc::keep_large_buffers();
+        let (variant_id, threads) = case
+            .split_once(':')
+            .ok_or_else(|| format!("bad child case {case}"))?;
+        println!("{}", child(&args, variant_id, threads)?);
+        return Ok(());
+    }
+    let variants = arg(&args, "--variants", "recipe,aes,clean-grad,aes+clean-grad");
+    let threads = arg(&args, "--threads", "1");
+    let jsonl = args
+        .iter()
+        .position(|a| a == "--jsonl")
+        .and_then(|i| args.get(i + 1));
+    let exe = std::env::current_exe()?;
+    println!(
+        "DiffGuard pipeline, f32 CPU, engine. ms/img = median over passes of process CPU (wall) \
+         time per image; nfe = network rows per image (denoiser / classifier fwd / bwd)"
+    );
+    println!("| variant | thr | images | batch | cpu ms/img | wall ms/img | img/s (cpu) | nfe | peak MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for v in variants.split(',').filter(|s| !s.is_empty()) {
+        for thr in threads.split(',').filter(|s| !s.is_empty()) {
+            let out = std::process::Command::new(&exe)
+                .args(&args[1..])
+                .env("BENCH_PIPELINE_CHILD", format!("{v}:{thr}"))
+                .env("RAYON_NUM_THREADS", thr)
+                .output()?;
+            if !out.status.success() {
+                return Err(format!(
+                    "case {v}:{thr} failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+                .into());
+            }
+            let line = String::from_utf8(out.stdout)?.trim().to_string();
+            let j: serde_json::Value = serde_json::from_str(&line)?;
+            let num = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+            let nfe = |k: &str| j["nfe"][k].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "| {} | {thr} | {} | {} | {:.1} | {:.1} | {:.2} | {:.1} / {:.1} / {:.1} | {} |",
+                j["name"].as_str().unwrap_or(v),
+                j["images"],
+                j["batch"],
+                num("cpu_ms_per_image"),
+                num("wall_ms_per_image"),
+                1e3 / num("cpu_ms_per_image"),
+                nfe("denoiser"),
+                nfe("classifier_forward"),
+                nfe("classifier_backward"),
+                j["peak_delta_mib"]
+                    .as_f64()
+                    .map_or("n/a".into(), |m| format!("{m:.1}")),
+            );
+            if let Some(path) = jsonl {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?;
+                writeln!(f, "{line}")?;
+            }
+        }
+    }
+    Ok(())
+}
