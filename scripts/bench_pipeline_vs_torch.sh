@@ -36,7 +36,8 @@ while [ $# -gt 0 ]; do
 done
 
 "$TORCH_PY" -c 'import torch' || { echo "no torch in $TORCH_PY (set TORCH_PY)" >&2; exit 1; }
-cargo build --release -q -p diffguard-engine --example bench_pipeline
+# --workspace: the features the whole workspace unifies to, so the workspace's release build is reused.
+cargo build --release -q --workspace --example bench_pipeline
 BIN=${CARGO_TARGET_DIR:-target}/release/examples/bench_pipeline
 DATA=${DIFFGUARD_DATA:-data}
 
@@ -53,7 +54,7 @@ for v in ${VARIANTS//,/ }; do
         --case "$WORK/ours.jsonl" --line "$line" --structure "$structure" --data "$DATA" \
         >> "$WORK/torch.jsonl"
       tail -n 1 "$WORK/torch.jsonl" | "$TORCH_PY" -c \
-        'import json,sys; r=json.load(sys.stdin); print(f"  torch {r["structure"]}: {r["cpu_ms_per_image"]:.1f} ms/img")'
+        'import json,sys; r=json.load(sys.stdin); print("  torch %s: %.1f ms/img" % (r["structure"], r["cpu_ms_per_image"]))'
     done
   done
 done

@@ -42,7 +42,8 @@ while [ $# -gt 0 ]; do
 done
 
 "$TORCH_PY" -c 'import torch' || { echo "no torch in $TORCH_PY (set TORCH_PY)" >&2; exit 1; }
-cargo build --release -q -p diffguard-engine --example bench_networks --example bench_ops
+# --workspace: the features the whole workspace unifies to, so the workspace's release build is reused.
+cargo build --release -q --workspace --example bench_networks --example bench_ops
 TARGET=${CARGO_TARGET_DIR:-target}
 BIN=$TARGET/release/examples/bench_networks
 export CPU_MODEL=$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)

@@ -252,7 +252,12 @@ mod tests {
         assert!(reg.get("not-a-uuid").await.is_none());
         assert!(reg.get(&uuid::Uuid::new_v4().to_string()).await.is_none());
         // settle never resurrects an id the registry does not hold.
-        let rec = record(InstanceSlot::resolved(None, None, CacheStatus::Miss, scored(0.1)));
+        let rec = record(InstanceSlot::resolved(
+            None,
+            None,
+            CacheStatus::Miss,
+            scored(0.1),
+        ));
         reg.settle(&rec).await;
         assert!(reg.get(&rec.id).await.is_none());
     }

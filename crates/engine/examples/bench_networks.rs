@@ -18,10 +18,13 @@
 //! gradients, scratch; the weights are excluded). Children tune malloc as the `diffguard` binary
 //! does (`diffguard_engine::malloc`); `--glibc-defaults` measures glibc's stock behaviour.
 
+#[path = "bench_common/child.rs"]
+mod child;
 #[path = "bench_common/clock.rs"]
 mod clock;
 #[path = "bench_common/rss.rs"]
 mod rss;
+use child::{append_line, run_child};
 use clock::cpu_ns;
 use rss::{peak_delta_mib, reset_peak_rss, status_kib};
 
@@ -237,7 +240,8 @@ fn build(key: &str, batch: usize) -> Res<Forward> {
         }
         "ldm64" => {
             let net = LdmUNet::new(vb(), LdmUNetConfig::cin256_v2())?;
-            let ctx = Tensor::from_vec(lcg_fill(batch * 512, 5, 1.0), (batch, 1, 512), &Device::Cpu)?;
+            let ctx =
+                Tensor::from_vec(lcg_fill(batch * 512, 5, 1.0), (batch, 1, 512), &Device::Cpu)?;
             Box::new(move |x| Ok(net.forward(x, &t, &ctx)?))
         }
         other => return Err(format!("unknown network {other}").into()),
@@ -356,7 +360,6 @@ fn main() -> Res<()> {
         .iter()
         .position(|a| a == "--jsonl")
         .and_then(|i| args.get(i + 1));
-    let exe = std::env::current_exe()?;
     println!(
         "f32, CPU, engine. wall/cpu = median ms per call (cpu: process CPU time, all threads); \
          peak = RSS high-water mark above the post-build baseline"
@@ -373,21 +376,8 @@ fn main() -> Res<()> {
                 if *mode == "fwdbwd" && !net.backward {
                     continue;
                 }
-                let out = std::process::Command::new(&exe)
-                    .args(&args[1..])
-                    .env("BENCH_NETWORKS_CHILD", format!("{key}:{mode}:{thr}"))
-                    .env("RAYON_NUM_THREADS", thr)
-                    .output()?;
-                if !out.status.success() {
-                    return Err(format!(
-                        "case {key}:{mode}:{thr} failed ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr)
-                    )
-                    .into());
-                }
-                let line = String::from_utf8(out.stdout)?.trim().to_string();
-                let v: serde_json::Value = serde_json::from_str(&line)?;
+                let case = format!("{key}:{mode}:{thr}");
+                let (line, v) = run_child(&args[1..], "BENCH_NETWORKS_CHILD", &case, thr)?;
                 let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
                 println!(
                     "| {} | {mode} | {thr} | {} | {:.1} | {:.1} | {:.1} |",
@@ -398,12 +388,7 @@ fn main() -> Res<()> {
                     num("peak_delta_mib")
                 );
                 if let Some(path) = jsonl {
-                    use std::io::Write;
-                    let mut f = std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)?;
-                    writeln!(f, "{line}")?;
+                    append_line(path, &line)?;
                 }
             }
         }

@@ -15,6 +15,8 @@
 //! earlier case left behind). Per case: one warm-up batch, then `--reps` timed passes over all
 //! images; reported are the medians of process CPU time and wall time per image.
 
+#[path = "bench_common/child.rs"]
+mod child;
 #[path = "bench_common/clock.rs"]
 mod clock;
 #[path = "bench_common/rss.rs"]
@@ -24,6 +26,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use child::{append_line, run_child};
 use clock::cpu_ns;
 use diffguard_engine::bundle::Bundle;
 use diffguard_engine::data::{FashionSplit, PixelRange, data_dir, fashion_mnist};
@@ -160,30 +163,22 @@ fn main() -> Res<()> {
         .iter()
         .position(|a| a == "--jsonl")
         .and_then(|i| args.get(i + 1));
-    let exe = std::env::current_exe()?;
     println!(
         "DiffGuard pipeline, f32 CPU, engine. ms/img = median over passes of process CPU (wall) \
          time per image; nfe = network rows per image (denoiser / classifier fwd / bwd)"
     );
-    println!("| variant | thr | images | batch | cpu ms/img | wall ms/img | img/s (cpu) | nfe | peak MiB |");
+    println!(
+        "| variant | thr | images | batch | cpu ms/img | wall ms/img | img/s (cpu) | nfe | peak MiB |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for v in variants.split(',').filter(|s| !s.is_empty()) {
         for thr in threads.split(',').filter(|s| !s.is_empty()) {
-            let out = std::process::Command::new(&exe)
-                .args(&args[1..])
-                .env("BENCH_PIPELINE_CHILD", format!("{v}:{thr}"))
-                .env("RAYON_NUM_THREADS", thr)
-                .output()?;
-            if !out.status.success() {
-                return Err(format!(
-                    "case {v}:{thr} failed ({}): {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                )
-                .into());
-            }
-            let line = String::from_utf8(out.stdout)?.trim().to_string();
-            let j: serde_json::Value = serde_json::from_str(&line)?;
+            let (line, j) = run_child(
+                &args[1..],
+                "BENCH_PIPELINE_CHILD",
+                &format!("{v}:{thr}"),
+                thr,
+            )?;
             let num = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
             let nfe = |k: &str| j["nfe"][k].as_f64().unwrap_or(f64::NAN);
             println!(
@@ -202,12 +197,7 @@ fn main() -> Res<()> {
                     .map_or("n/a".into(), |m| format!("{m:.1}")),
             );
             if let Some(path) = jsonl {
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?;
-                writeln!(f, "{line}")?;
+                append_line(path, &line)?;
             }
         }
     }
