@@ -70,7 +70,8 @@ START=$(date +%s)
 for net in ${NETS//,/ }; do
   for thr in ${THREADS//,/ }; do
     for mode in fwd fwdbwd; do
-      [ "$net" = vgg16 ] && [ "$mode" = fwdbwd ] && continue
+      # Forward only: DISTS' VGG, and the paper-resolution UNets (no gradient flows through them).
+      case "$net" in vgg16 | adm256 | ldm64) [ "$mode" = fwdbwd ] && continue ;; esac
       nice -n "$NICE" "$BIN" --nets "$net" --threads "$thr" --modes "$mode" \
         --reps-scale "$REPS" --jsonl "$OURS" | tail -n 1
       nice -n "$NICE" "$TORCH_PY" scripts/bench_torch.py --nets "$net" --threads "$thr" \
