@@ -47,6 +47,8 @@ need_pkg() { # command package...
   local cmd=$1; shift
   command -v "$cmd" >/dev/null && return 0
   [ "$(id -u)" = 0 ] || die "$cmd missing and not root; install one of: $*"
+  # A fresh machine's package lists may be empty or stale.
+  apt-get update -q >/dev/null 2>&1 || true
   for p in "$@"; do
     if apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
       log "installing $p"

@@ -252,7 +252,8 @@ impl Default for TelemetryConfig {
 pub struct VerdictsConfig {
     /// Seconds a verdict id stays answerable.
     pub retention_secs: u64,
-    /// Verdict ids kept.
+    /// Verdict ids kept; beyond it the oldest go first. A finished verdict costs ≈1 KB (its JSON
+    /// report plus the cache's bookkeeping), so the default bounds them to ≈20 MB.
     pub capacity: u64,
 }
 
@@ -260,7 +261,7 @@ impl Default for VerdictsConfig {
     fn default() -> Self {
         Self {
             retention_secs: 600,
-            capacity: 100_000,
+            capacity: 20_000,
         }
     }
 }

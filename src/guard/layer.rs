@@ -316,7 +316,7 @@ where
         .map_err(|e| GuardError::UpstreamUnreadable(e.to_string()))?;
     let record = score(guard, route, &images, &body).await;
     let record = Arc::new(record);
-    guard.registry().insert(&record).await;
+    let live = guard.registry().insert(&record).await;
     tracing::Span::current().record("diffguard.id", record.id.as_str());
 
     if policy::waits(route.policy.mode) {
@@ -330,7 +330,7 @@ where
             .await;
     }
     let report = record.report();
-    observe(guard.registry(), route, &report, &record);
+    observe(live.then_some(guard.registry()), route, &report, &record);
     match policy::decide(&route.policy, report.verdict) {
         policy::Decision::Reject => Err(GuardError::Rejected(Box::new(report))),
         // Fail closed with no readable prediction: the upstream's answer is at fault, not the scorer.
@@ -429,8 +429,9 @@ async fn score(
 }
 
 /// Span attributes, metrics and the OOD event; late verdicts are observed when they arrive.
+/// `live_in`: the registry holding the record in its live form, to be settled once it finishes.
 fn observe(
-    registry: &VerdictRegistry,
+    live_in: Option<&VerdictRegistry>,
     route: &RouteGuard,
     report: &VerdictReport,
     record: &Arc<RequestRecord>,
@@ -466,19 +467,23 @@ fn observe(
             .iter()
             .all(|i| i.cache == super::CacheStatus::Hit),
     );
-    let registry = registry.clone();
+    let live_in = live_in.cloned();
     if record.done() {
         record_outcome(route, report);
-        let record = record.clone();
-        // The answer was waited for after the record went in live; keep only its compact form.
-        tokio::spawn(async move { registry.settle(&record).await });
+        if let Some(registry) = live_in {
+            // Finished while the request waited for it: keep only the compact form.
+            let record = record.clone();
+            tokio::spawn(async move { registry.settle(&record).await });
+        }
         return;
     }
     let (route, record, parent) = (route.clone(), record.clone(), span.clone());
     tokio::spawn(async move {
         // Bounded: the registry forgets the id after its retention anyway.
         record.wait(Duration::from_secs(300)).await;
-        registry.settle(&record).await;
+        if let Some(registry) = live_in {
+            registry.settle(&record).await;
+        }
         let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %route.name);
         late.follows_from(&parent);
         let _e = late.enter();

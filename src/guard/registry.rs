@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use moka::future::Cache;
+use moka::policy::EvictionPolicy;
 
 use super::queue::Slot;
 use super::verdict::{CacheStatus, InstanceReport, Outcome, Verdict, VerdictReport};
@@ -135,17 +136,25 @@ impl VerdictRegistry {
             records: Cache::builder()
                 .max_capacity(capacity)
                 .time_to_live(retention)
+                // Every id is written once and read rarely, so frequency says nothing: TinyLFU
+                // (moka's default) would refuse new ids once full. The newest ids must stay.
+                .eviction_policy(EvictionPolicy::lru())
                 .build(),
         }
     }
 
-    /// Remembers a record: settled at once when every outcome is already known.
-    pub async fn insert(&self, rec: &Arc<RequestRecord>) {
+    /// Remembers a record: settled at once when every outcome is already known. Returns whether
+    /// it went in live (and so wants [`Self::settle`] once it finishes).
+    pub async fn insert(&self, rec: &Arc<RequestRecord>) -> bool {
         let Some(key) = key_of(&rec.id) else {
-            return;
+            return false;
         };
-        let entry = settled(rec).unwrap_or_else(|| Entry::Live(rec.clone()));
+        let (entry, live) = match settled(rec) {
+            Some(e) => (e, false),
+            None => (Entry::Live(rec.clone()), true),
+        };
         self.records.insert(key, entry).await;
+        live
     }
 
     /// Replaces a live record that has finished by its compact form; an id the registry has
@@ -214,7 +223,7 @@ mod tests {
             CacheStatus::Hit,
             scored(2.5),
         ));
-        reg.insert(&rec).await;
+        assert!(!reg.insert(&rec).await, "a finished record goes in settled");
         let Some(Entry::Settled(json)) = reg.get(&rec.id).await else {
             panic!("a finished record must be stored settled");
         };
@@ -233,7 +242,7 @@ mod tests {
             cache: CacheStatus::Miss,
             slot: rx,
         });
-        reg.insert(&rec).await;
+        assert!(reg.insert(&rec).await, "a pending record goes in live");
         assert!(matches!(reg.get(&rec.id).await, Some(Entry::Live(_))));
         reg.settle(&rec).await; // not done yet: stays live
         assert!(matches!(reg.get(&rec.id).await, Some(Entry::Live(_))));
@@ -244,6 +253,31 @@ mod tests {
         };
         let back: serde_json::Value = serde_json::from_slice(&json).expect("json");
         assert_eq!(back["verdict"], "in-distribution");
+    }
+
+    #[tokio::test]
+    async fn when_full_the_oldest_ids_go_and_the_newest_stay() {
+        let reg = VerdictRegistry::new(100, Duration::from_secs(60));
+        let mut ids = Vec::new();
+        for i in 0..1_000 {
+            let rec = record(InstanceSlot::resolved(
+                None,
+                None,
+                CacheStatus::Miss,
+                scored(i as f32),
+            ));
+            reg.insert(&rec).await;
+            ids.push(rec.id.clone());
+        }
+        reg.records.run_pending_tasks().await;
+        for id in &ids[990..] {
+            assert!(reg.get(id).await.is_some(), "a fresh id was refused");
+        }
+        assert!(
+            reg.get(&ids[0]).await.is_none(),
+            "the oldest id outlived the bound"
+        );
+        assert!(reg.records.entry_count() <= 100);
     }
 
     #[tokio::test]

@@ -151,7 +151,10 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
             .with_writer(std::io::stderr)
             .boxed()
     } else {
+        // Colour only for a terminal: escape codes in collected logs are noise, and formatting
+        // them for every recorded span field costs CPU on the request path.
         tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
             .boxed()
     };
