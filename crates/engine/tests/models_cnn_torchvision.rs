@@ -100,7 +100,7 @@ fn vgg16(dtype: DType) {
     let Some(dir) = goldens() else { return };
     let c = case(&dir, "vgg16_case.safetensors");
     let opts = LoadOptions::new(dtype, &Device::Cpu);
-    let net = Checkpoint::open(&dir.join("vgg16.safetensors"))
+    let net = Checkpoint::open(dir.join("vgg16.safetensors"))
         .unwrap()
         .load(&opts, |vb| Vgg16Features::new(vb, &VggConfig::default()))
         .unwrap();
