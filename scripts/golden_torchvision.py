@@ -27,12 +27,16 @@ Weights are ~160 MB, so they are written, not committed. Needs torch, torchvisio
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_twin import state_for_rust  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -47,11 +51,6 @@ def randomise_bn(model, g):
             m.bias.data = (torch.rand(c, generator=g) - 0.5) * 0.2
             m.running_mean.data = (torch.rand(c, generator=g) - 0.5) * 0.2
             m.running_var.data = 0.5 + torch.rand(c, generator=g)
-
-
-def state(model, prefix=""):
-    return {prefix + k: v.detach().contiguous().float() for k, v in model.state_dict().items()
-            if not k.endswith("num_batches_tracked")}
 
 
 def rel_to_max(a, b):
@@ -88,7 +87,7 @@ def resnet50_case(out, g):
         # How far torchvision's own f32 run is from its f64 run: the scale of round-off the
         # engine's f32 run may differ by.
         case[f"tol.{k}"] = torch.tensor([rel_to_max(f32[k], f64[k])], dtype=torch.float64)
-    save_file(state(net.float()), os.path.join(out, "resnet50.safetensors"))
+    save_file(state_for_rust(net.float()), os.path.join(out, "resnet50.safetensors"))
     save_file(case, os.path.join(out, "resnet50_case.safetensors"))
 
 
@@ -126,7 +125,8 @@ def vgg16_case(out, g):
         return out
 
     f32 = stages(features, x)
-    weights = {k: v for k, v in state(features, "features.").items() if "kernel" not in k}
+    weights = {"features." + k: v for k, v in state_for_rust(features).items()
+               if "kernel" not in k}
     f64 = stages(features.double(), x.double())
     case = {"x01": x}
     for i, (a, b) in enumerate(zip(f32, f64)):

@@ -27,7 +27,6 @@ Requires torch, numpy, safetensors (scripts/bench_vs_torch.sh documents the venv
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_torch import median, status_kib  # noqa: E402  (the network bench's rules)
 from torch_twin import SmallResNet, pixel_unet, read_idx  # noqa: E402
 
 
@@ -205,13 +205,6 @@ class Pipeline:
         return scores, k_star, labels, {k: v / n for k, v in self.nfe.items()}
 
 
-def status_kib(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-    return 0
-
-
 def run(args):
     case = json.loads(open(args.case).read().splitlines()[args.line])
     threads = args.threads or case["threads"]
@@ -236,8 +229,8 @@ def run(args):
     nfe = {k: sum(r[3][k] * len(r[0]) for r in res) / len(x) for k in res[0][3]}
     out = {"impl": "torch", "structure": args.structure, "variant": case["variant"],
            "name": case["name"], "threads": threads, "images": len(x), "batch": batch,
-           "reps": len(cpu), "cpu_ms_per_image": statistics.median(cpu),
-           "wall_ms_per_image": statistics.median(wall), "warmup_s": warm,
+           "reps": len(cpu), "cpu_ms_per_image": median(cpu),
+           "wall_ms_per_image": median(wall), "warmup_s": warm,
            "peak_delta_mib": (status_kib("VmHWM:") - base) / 1024, "nfe": nfe,
            "torch": torch.__version__,
            "labels": [l for r in res for l in r[2]], "k_star": [k for r in res for k in r[1]],

@@ -316,7 +316,6 @@ where
         .map_err(|e| GuardError::UpstreamUnreadable(e.to_string()))?;
     let record = score(guard, route, &images, &body).await;
     let record = Arc::new(record);
-    let live = guard.registry().insert(&record).await;
     tracing::Span::current().record("diffguard.id", record.id.as_str());
 
     if policy::waits(route.policy.mode) {
@@ -330,7 +329,10 @@ where
             .await;
     }
     let report = record.report();
-    observe(live.then_some(guard.registry()), route, &report, &record);
+    // The client learns the id from this response, so registering it now is early enough, and
+    // the report just taken serves both the registry and the response.
+    guard.registry().insert(&record, &report).await;
+    observe(guard.registry(), route, &report, &record);
     match policy::decide(&route.policy, report.verdict) {
         policy::Decision::Reject => Err(GuardError::Rejected(Box::new(report))),
         // Fail closed with no readable prediction: the upstream's answer is at fault, not the scorer.
@@ -428,10 +430,10 @@ async fn score(
     record(instances)
 }
 
-/// Span attributes, metrics and the OOD event; late verdicts are observed when they arrive.
-/// `live_in`: the registry holding the record in its live form, to be settled once it finishes.
+/// Span attributes, metrics and the OOD event; late verdicts are observed when they arrive, and
+/// their record, registered live, is then settled in `registry`.
 fn observe(
-    live_in: Option<&VerdictRegistry>,
+    registry: &VerdictRegistry,
     route: &RouteGuard,
     report: &VerdictReport,
     record: &Arc<RequestRecord>,
@@ -467,23 +469,16 @@ fn observe(
             .iter()
             .all(|i| i.cache == super::CacheStatus::Hit),
     );
-    let live_in = live_in.cloned();
-    if record.done() {
+    if report.is_final() {
         record_outcome(route, report);
-        if let Some(registry) = live_in {
-            // Finished while the request waited for it: keep only the compact form.
-            let record = record.clone();
-            tokio::spawn(async move { registry.settle(&record).await });
-        }
         return;
     }
     let (route, record, parent) = (route.clone(), record.clone(), span.clone());
+    let registry = registry.clone();
     tokio::spawn(async move {
         // Bounded: the registry forgets the id after its retention anyway.
         record.wait(Duration::from_secs(300)).await;
-        if let Some(registry) = live_in {
-            registry.settle(&record).await;
-        }
+        registry.settle(&record).await;
         let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %route.name);
         late.follows_from(&parent);
         let _e = late.enter();

@@ -143,24 +143,20 @@ impl VerdictRegistry {
         }
     }
 
-    /// Remembers a record: settled at once when every outcome is already known. Returns whether
-    /// it went in live (and so wants [`Self::settle`] once it finishes).
-    pub async fn insert(&self, rec: &Arc<RequestRecord>) -> bool {
+    /// Remembers a record as `report` (its snapshot, taken by the caller) shows it: settled when
+    /// that report is final, live otherwise (then [`Self::settle`] it once it finishes).
+    pub async fn insert(&self, rec: &Arc<RequestRecord>, report: &VerdictReport) {
         let Some(key) = key_of(&rec.id) else {
-            return false;
+            return;
         };
-        let (entry, live) = match settled(rec) {
-            Some(e) => (e, false),
-            None => (Entry::Live(rec.clone()), true),
-        };
+        let entry = settled(report).unwrap_or_else(|| Entry::Live(rec.clone()));
         self.records.insert(key, entry).await;
-        live
     }
 
     /// Replaces a live record that has finished by its compact form; an id the registry has
     /// already forgotten stays forgotten.
     pub async fn settle(&self, rec: &RequestRecord) {
-        let (Some(key), Some(entry)) = (key_of(&rec.id), settled(rec)) else {
+        let (Some(key), Some(entry)) = (key_of(&rec.id), settled(&rec.report())) else {
             return;
         };
         if self.records.contains_key(&key) {
@@ -179,11 +175,12 @@ fn key_of(id: &str) -> Option<u128> {
     uuid::Uuid::parse_str(id).ok().map(|u| u.as_u128())
 }
 
-fn settled(rec: &RequestRecord) -> Option<Entry> {
-    if !rec.done() {
+/// The compact entry of a final report; `None` while any instance is pending.
+fn settled(report: &VerdictReport) -> Option<Entry> {
+    if !report.is_final() {
         return None;
     }
-    serde_json::to_vec(&rec.report())
+    serde_json::to_vec(report)
         .ok()
         .map(|json| Entry::Settled(Bytes::from(json)))
 }
@@ -223,7 +220,7 @@ mod tests {
             CacheStatus::Hit,
             scored(2.5),
         ));
-        assert!(!reg.insert(&rec).await, "a finished record goes in settled");
+        reg.insert(&rec, &rec.report()).await;
         let Some(Entry::Settled(json)) = reg.get(&rec.id).await else {
             panic!("a finished record must be stored settled");
         };
@@ -242,7 +239,7 @@ mod tests {
             cache: CacheStatus::Miss,
             slot: rx,
         });
-        assert!(reg.insert(&rec).await, "a pending record goes in live");
+        reg.insert(&rec, &rec.report()).await;
         assert!(matches!(reg.get(&rec.id).await, Some(Entry::Live(_))));
         reg.settle(&rec).await; // not done yet: stays live
         assert!(matches!(reg.get(&rec.id).await, Some(Entry::Live(_))));
@@ -266,7 +263,7 @@ mod tests {
                 CacheStatus::Miss,
                 scored(i as f32),
             ));
-            reg.insert(&rec).await;
+            reg.insert(&rec, &rec.report()).await;
             ids.push(rec.id.clone());
         }
         reg.records.run_pending_tasks().await;

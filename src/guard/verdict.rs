@@ -151,6 +151,14 @@ pub struct VerdictReport {
     pub instances: Vec<InstanceReport>,
 }
 
+impl VerdictReport {
+    /// No instance is pending any more (the combined verdict alone cannot tell: OOD outranks
+    /// pending).
+    pub fn is_final(&self) -> bool {
+        self.instances.iter().all(|i| i.verdict != Verdict::Pending)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

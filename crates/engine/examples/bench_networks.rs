@@ -20,11 +20,14 @@
 
 #[path = "bench_common/child.rs"]
 mod child;
+#[path = "bench_common/cli.rs"]
+mod cli;
 #[path = "bench_common/clock.rs"]
 mod clock;
 #[path = "bench_common/rss.rs"]
 mod rss;
 use child::{append_line, run_child};
+use cli::{flag_value, median};
 use clock::cpu_ns;
 use rss::{peak_delta_mib, reset_peak_rss, status_kib};
 
@@ -248,11 +251,6 @@ fn build(key: &str, batch: usize) -> Res<Forward> {
     })
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn child(key: &str, mode: &str, threads: &str, reps_scale: f64) -> Res<String> {
     let net = NETS
         .iter()
@@ -327,10 +325,8 @@ fn child(key: &str, mode: &str, threads: &str, reps_scale: f64) -> Res<String> {
 }
 
 fn arg_list<'a>(args: &'a [String], flag: &str, default: &'a str) -> Vec<&'a str> {
-    args.iter()
-        .position(|a| a == flag)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, String::as_str)
+    flag_value(args, flag)
+        .unwrap_or(default)
         .split(',')
         .filter(|s| !s.is_empty())
         .collect()
@@ -356,10 +352,7 @@ fn main() -> Res<()> {
     let nets = arg_list(&args, "--nets", &all);
     let threads = arg_list(&args, "--threads", "1,2");
     let modes = arg_list(&args, "--modes", "fwd,fwdbwd");
-    let jsonl = args
-        .iter()
-        .position(|a| a == "--jsonl")
-        .and_then(|i| args.get(i + 1));
+    let jsonl = flag_value(&args, "--jsonl");
     println!(
         "f32, CPU, engine. wall/cpu = median ms per call (cpu: process CPU time, all threads); \
          peak = RSS high-water mark above the post-build baseline"

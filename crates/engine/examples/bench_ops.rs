@@ -286,18 +286,9 @@ fn child(threads: &str, quick: bool, filter: &str) -> Result<()> {
     Ok(())
 }
 
-/// `--no-mmap`: glibc serves allocations ≥ 128 KiB with fresh mmaps and unmaps them on free, so
-/// every large tensor pays a page fault per 4 KiB page (≈1–2 ms per 4 MB tensor). Raising the
-/// thresholds keeps freed memory in the heap for reuse, as PyTorch's caching allocator does. This
-/// is a process-wide setting for a binary (the guard could do the same), shown here for its effect.
-fn keep_freed_memory() {
-    // SAFETY: mallopt only adjusts allocator parameters; called before any worker threads start.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
+/// `--no-mmap`: run with `diffguard_engine::malloc::keep_large_buffers`, as the `diffguard` binary
+/// does (freed large blocks stay in the heap instead of being unmapped and re-faulted per tensor);
+/// without it this bench measures glibc's stock behaviour.
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -309,7 +300,7 @@ fn main() -> Result<()> {
         .map_or("", String::as_str);
     if let Ok(t) = std::env::var("BENCH_OPS_CHILD") {
         if args.iter().any(|a| a == "--no-mmap") {
-            keep_freed_memory();
+            diffguard_engine::malloc::keep_large_buffers();
         }
         return child(&t, quick, filter);
     }

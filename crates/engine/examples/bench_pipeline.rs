@@ -17,6 +17,8 @@
 
 #[path = "bench_common/child.rs"]
 mod child;
+#[path = "bench_common/cli.rs"]
+mod cli;
 #[path = "bench_common/clock.rs"]
 mod clock;
 #[path = "bench_common/rss.rs"]
@@ -27,6 +29,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use child::{append_line, run_child};
+use cli::{flag_value, median};
 use clock::cpu_ns;
 use diffguard_engine::bundle::Bundle;
 use diffguard_engine::data::{FashionSplit, PixelRange, data_dir, fashion_mnist};
@@ -38,15 +41,7 @@ use rss::{peak_delta_mib, reset_peak_rss, status_kib};
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn arg<'a>(args: &'a [String], flag: &str, default: &'a str) -> &'a str {
-    args.iter()
-        .position(|a| a == flag)
-        .and_then(|i| args.get(i + 1))
-        .map_or(default, String::as_str)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    flag_value(args, flag).unwrap_or(default)
 }
 
 fn default_bundle() -> PathBuf {
@@ -84,12 +79,7 @@ fn mean_of(results: &[ImageResult], f: impl Fn(&ImageResult) -> usize) -> f64 {
 }
 
 fn child(args: &[String], variant_id: &str, threads: &str) -> Res<String> {
-    let bundle_dir = PathBuf::from(arg(args, "--bundle", ""));
-    let bundle_dir = if bundle_dir.as_os_str().is_empty() {
-        default_bundle()
-    } else {
-        bundle_dir
-    };
+    let bundle_dir = flag_value(args, "--bundle").map_or_else(default_bundle, PathBuf::from);
     let images: usize = arg(args, "--images", "64").parse()?;
     let batch: usize = arg(args, "--batch", "32").parse()?;
     let reps: usize = arg(args, "--reps", "3").parse::<usize>()?.max(1);
@@ -129,8 +119,8 @@ fn child(args: &[String], variant_id: &str, threads: &str) -> Res<String> {
         "images": idx.len(),
         "batch": batch,
         "reps": reps,
-        "cpu_ms_per_image": median(cpu),
-        "wall_ms_per_image": median(wall),
+        "cpu_ms_per_image": median(&mut cpu),
+        "wall_ms_per_image": median(&mut wall),
         "warmup_s": warm_s,
         "peak_delta_mib": peak,
         "nfe": {
@@ -159,10 +149,7 @@ fn main() -> Res<()> {
     }
     let variants = arg(&args, "--variants", "recipe,aes,clean-grad,aes+clean-grad");
     let threads = arg(&args, "--threads", "1");
-    let jsonl = args
-        .iter()
-        .position(|a| a == "--jsonl")
-        .and_then(|i| args.get(i + 1));
+    let jsonl = flag_value(&args, "--jsonl");
     println!(
         "DiffGuard pipeline, f32 CPU, engine. ms/img = median over passes of process CPU (wall) \
          time per image; nfe = network rows per image (denoiser / classifier fwd / bwd)"
