@@ -4,6 +4,12 @@
 #
 #   scripts/bench_proxy.sh                      # both upstreams, 3 reps x 10 s per target
 #   UPSTREAMS=static DURATION=5 REPS=1 scripts/bench_proxy.sh
+#   MODE=instructions scripts/bench_proxy.sh    # instructions per request under callgrind
+#
+# MODE=instructions counts what each proxy executes per request (valgrind's callgrind, static
+# upstream): nginx, the guard on a cache hit (`flag`), and the guard passing through (`off`, the
+# floor of its HTTP stack). Counts do not depend on what else the machine runs, so they compare
+# builds on a shared machine where req/s and CPU time drift by tens of percent.
 #
 # Upstreams (UPSTREAMS, space-separated):
 #   static   nginx answering every POST with a fixed JSON (`return 200`): the cheapest upstream
@@ -21,6 +27,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
+MODE=${MODE:-wall}
 UPSTREAMS=${UPSTREAMS:-"static example"}
 DURATION=${DURATION:-10}          # seconds per measured run
 WARMUP=${WARMUP:-2}               # seconds of unmeasured load per target before rep 1
@@ -60,6 +67,7 @@ need_pkg() { # command package...
 }
 need_pkg nginx nginx-light nginx
 need_pkg wrk wrk
+[ "$MODE" = instructions ] && need_pkg valgrind valgrind
 command -v curl >/dev/null || die "curl missing"
 if [ ! -x "$GUARD_BIN" ] || [ ! -x "$UPSTREAM_BIN" ]; then
   log "building release binaries into $TARGET_DIR"
@@ -93,11 +101,12 @@ wait_port() { # port what
 
 # nginx config shared by both nginx instances: tuned the way a reverse proxy is deployed
 # (keep-alive both sides, no access log: the guard writes none either).
-nginx_conf() { # name server-block
+nginx_conf() { # name server-block [main-directives [launcher...]]
   local dir=$WORK/$1
   mkdir -p "$dir/logs"
   cat >"$dir/nginx.conf" <<EOF
 $( [ "$(id -u)" = 0 ] && echo "user root;" )
+${3:-}
 worker_processes auto;
 pid $dir/nginx.pid;
 error_log $dir/logs/error.log warn;
@@ -115,7 +124,7 @@ http {
   $2
 }
 EOF
-  nginx -p "$dir" -e "$dir/logs/error.log" -c "$dir/nginx.conf" -g 'daemon off;' &
+  "${@:4}" nginx -p "$dir" -e "$dir/logs/error.log" -c "$dir/nginx.conf" -g 'daemon off;' &
   PIDS+=($!)
 }
 
@@ -176,6 +185,75 @@ cpu_ticks() { # pids... -> utime+stime summed, in clock ticks (children of each 
 }
 TCK=$(getconf CLK_TCK)
 median() { sort -g | awk '{a[NR]=$1} END{print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+# --- MODE=instructions -------------------------------------------------------------------------
+# One bounded wrk run against a process under callgrind; prints "requests instructions".
+count_instructions() { # pid url
+  load "$2" "$WARMUP" >/dev/null
+  callgrind_control -z "$1" >/dev/null 2>&1
+  local r n f
+  r=$(load "$2" "$DURATION")
+  callgrind_control -d "$1" >/dev/null 2>&1
+  n=$(cut -d' ' -f4 <<<"$r")
+  f=$(ls -t "$WORK"/cg."$1".* | head -1)
+  echo "$n $(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')"
+}
+
+if [ "$MODE" = instructions ]; then
+  CG=(valgrind --tool=callgrind "--callgrind-out-file=$WORK/cg.%p")
+  UP_URL=http://127.0.0.1:$P_STATIC
+  nginx_conf cg-nginx "upstream backend { server 127.0.0.1:$P_STATIC; keepalive 64; }
+  server {
+    listen 127.0.0.1:$P_NGINX;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }" "master_process off;" "${CG[@]}"
+  NGINX_PID=${PIDS[-1]}
+  # The same guard serves the cache-hit route and a pass-through route (`off`) to one upstream.
+  sed "s#@UPSTREAM@#$UP_URL#" benches/guard.toml >"$WORK/guard-cg.toml"
+  printf '\n[[routes]]\nname = "passthrough"\nprefix = "/passthrough/"\nupstream = "%s"\n%s\n' \
+    "$UP_URL" 'request = { kind = "raw" }
+response = { kind = "argmax", pointer = "/scores" }
+policy = { mode = "off" }' >>"$WORK/guard-cg.toml"
+  "${CG[@]}" "$GUARD_BIN" serve --config "$WORK/guard-cg.toml" --listen "127.0.0.1:$P_GUARD" \
+    --ops-listen "127.0.0.1:$P_OPS" 2>"$WORK/guard-cg.log" &
+  GUARD_PID=$!
+  PIDS+=($GUARD_PID)
+  wait_port "$P_NGINX" "nginx proxy (callgrind)"
+  for _ in $(seq 1 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$P_GUARD") 2>/dev/null && break
+    kill -0 "$GUARD_PID" 2>/dev/null || die "guard exited: $(grep -v '^==' "$WORK/guard-cg.log" | tail -3)"
+    sleep 0.5
+  done
+  wait_port "$P_GUARD" "guard (callgrind)"
+  # Under callgrind the first verdict takes the engine minutes, not seconds.
+  for _ in $(seq 1 600); do
+    curl -sf -D - -o /dev/null -X POST --data-binary "@$IMAGE" -H 'Content-Type: image/png' \
+      "http://127.0.0.1:$P_GUARD$PATH_Q" | grep -qi '^diffguard-cache: hit' && break
+    sleep 1
+  done
+  echo "INSTRUCTIONS (callgrind Ir per request; wrk -t$THREADS -c$CONNS, ${DURATION}s per target)"
+  echo "| path | requests | instructions / request | vs nginx |"
+  echo "|---|---:|---:|---:|"
+  base=""
+  for t in nginx guard-hit guard-off; do
+    case $t in
+      nginx) r=$(count_instructions "$NGINX_PID" "http://127.0.0.1:$P_NGINX$PATH_Q") ;;
+      guard-hit) r=$(count_instructions "$GUARD_PID" "http://127.0.0.1:$P_GUARD$PATH_Q") ;;
+      guard-off) r=$(count_instructions "$GUARD_PID" "http://127.0.0.1:$P_GUARD/passthrough$PATH_Q") ;;
+    esac
+    read -r n ir <<<"$r"
+    per=$((ir / n))
+    base=${base:-$per}
+    awk -v t="$t" -v n="$n" -v p="$per" -v b="$base" 'BEGIN {printf "| %s | %d | %d | %.2fx |\n", t, n, p, p / b}'
+  done
+  exit 0
+fi
 
 log "machine: nproc=$(nproc) $(uptime)"
 echo "LOAD_BEFORE $(uptime)"

@@ -57,6 +57,9 @@ fn scores_each_job_and_fails_bad_ones_alone() {
         // Uncalibrated bundle: never OOD.
         assert!(s.threshold.is_infinite() && !s.is_ood());
         assert!(s.diagnostics["denoiser_evals"] > 0.0);
+        // The request span's `diffguard.early_stop_step` attribute reads this key.
+        let k = s.diagnostics["early_stop_step"];
+        assert!((0.0..6.0).contains(&k) && k.fract() == 0.0, "{k}");
     }
     assert!(
         matches!(results[2], Err(DetectorError::InvalidInput(_))),

@@ -232,6 +232,10 @@ pub struct TelemetryConfig {
     pub otlp_protocol: Option<String>,
     /// Service name on exported spans; `OTEL_SERVICE_NAME` wins.
     pub service_name: String,
+    /// Show the enclosing spans' fields (route, verdict id, …) on every log line. Off by default:
+    /// formatting every span field of every request for the log costs more CPU than the rest of
+    /// a cache hit's bookkeeping, and exported traces carry those fields anyway.
+    pub log_spans: bool,
 }
 
 impl Default for TelemetryConfig {
@@ -242,6 +246,7 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             otlp_protocol: None,
             service_name: "diffguard".into(),
+            log_spans: false,
         }
     }
 }

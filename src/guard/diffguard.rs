@@ -108,7 +108,7 @@ impl DiffGuardDetector {
         diagnostics.insert("start_index".into(), result.start_index as f64);
         diagnostics.insert("denoiser_evals".into(), result.nfe.denoiser as f64);
         if let Some(k) = result.k_star {
-            diagnostics.insert("k_star".into(), k as f64);
+            diagnostics.insert("early_stop_step".into(), k as f64);
         }
         Score {
             score: -result.score as f32,

@@ -1,8 +1,8 @@
 //! [`DiffGuardLayer`]: the guard as a tower layer. Around the reverse proxy's forwarding service it
 //! is the product; around a Rust service's own classifier route it guards that route in-process.
 //!
-//! Per request: strip client `diffguard-*` headers → buffer the body (limit) → extract and decode
-//! the image(s) (pixel limit) → call the inner service → read the label(s) from its JSON answer →
+//! Per request: strip client `diffguard-*` headers → buffer the body (limit) → extract and hash
+//! the image(s), decoding those this guard has not seen (pixel limit) → call the inner service → read the label(s) from its JSON answer →
 //! cache / single-flight scoring → wait within the budget → apply the policy → annotate.
 //!
 //! ```no_run
@@ -28,16 +28,16 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
 use tower::{Layer, Service, ServiceExt};
 use tracing::{Instrument, field::Empty};
 
+use super::input::{ImageInput, read_images};
 use super::registry::{InstanceSlot, RequestRecord, VerdictRegistry};
 use super::verdict::{Outcome, Verdict, VerdictReport};
-use super::{Guard, Image, decode, policy};
+use super::{Guard, policy};
 use crate::config::{
     PolicyConfig, PolicyMode, RequestAdapterConfig, ResponseAdapterConfig, RouteConfig,
 };
 use crate::error::GuardError;
-use crate::proxy::request::extract_images;
 use crate::proxy::response::{LabelMap, extract_predictions};
-use crate::telemetry::{self, metric};
+use crate::telemetry::{self, metric::RouteMetrics};
 
 /// Route-specific guard settings.
 #[derive(Debug, Clone)]
@@ -78,13 +78,16 @@ impl RouteGuard {
 pub struct DiffGuardLayer {
     guard: Arc<Guard>,
     route: Arc<RouteGuard>,
+    metrics: Arc<RouteMetrics>,
 }
 
 impl DiffGuardLayer {
     /// Guards one route with shared guard state.
     pub fn new(guard: Arc<Guard>, route: RouteGuard) -> Self {
+        let mode = format!("{:?}", route.policy.mode).to_lowercase();
         Self {
             guard,
+            metrics: Arc::new(RouteMetrics::new(&route.name, &mode)),
             route: Arc::new(route),
         }
     }
@@ -96,6 +99,7 @@ impl<S> Layer<S> for DiffGuardLayer {
         DiffGuardService {
             guard: self.guard.clone(),
             route: self.route.clone(),
+            metrics: self.metrics.clone(),
             inner,
         }
     }
@@ -106,6 +110,7 @@ impl<S> Layer<S> for DiffGuardLayer {
 pub struct DiffGuardService<S> {
     guard: Arc<Guard>,
     route: Arc<RouteGuard>,
+    metrics: Arc<RouteMetrics>,
     inner: S,
 }
 
@@ -124,17 +129,18 @@ where
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let (guard, route, inner) = (self.guard.clone(), self.route.clone(), self.inner.clone());
-        Box::pin(async move { Ok(handle(guard, route, inner, req).await) })
+        let (guard, route) = (self.guard.clone(), self.route.clone());
+        let (metrics, inner) = (self.metrics.clone(), self.inner.clone());
+        Box::pin(async move { Ok(handle(guard, route, metrics, inner, req).await) })
     }
 }
 
-const H_VERDICT: &str = "diffguard-verdict";
-const H_SCORE: &str = "diffguard-score";
-const H_THRESHOLD: &str = "diffguard-threshold";
-const H_LABEL: &str = "diffguard-label";
-const H_ID: &str = "diffguard-id";
-const H_CACHE: &str = "diffguard-cache";
+static H_VERDICT: HeaderName = HeaderName::from_static("diffguard-verdict");
+static H_SCORE: HeaderName = HeaderName::from_static("diffguard-score");
+static H_THRESHOLD: HeaderName = HeaderName::from_static("diffguard-threshold");
+static H_LABEL: HeaderName = HeaderName::from_static("diffguard-label");
+static H_ID: HeaderName = HeaderName::from_static("diffguard-id");
+static H_CACHE: HeaderName = HeaderName::from_static("diffguard-cache");
 
 /// Removes every `diffguard-*` header (clients and upstreams must not forge verdicts).
 pub fn strip_guard_headers(headers: &mut HeaderMap) {
@@ -151,6 +157,7 @@ pub fn strip_guard_headers(headers: &mut HeaderMap) {
 async fn handle<S>(
     guard: Arc<Guard>,
     route: Arc<RouteGuard>,
+    metrics: Arc<RouteMetrics>,
     inner: S,
     mut req: Request<Body>,
 ) -> Response
@@ -181,7 +188,7 @@ where
     telemetry::extract_parent(&span, req.headers());
     strip_guard_headers(req.headers_mut());
     let mut upstream_time = Duration::ZERO;
-    let resp = run(&guard, &route, inner, req, &mut upstream_time)
+    let resp = run(&guard, &route, &metrics, inner, req, &mut upstream_time)
         .instrument(span.clone())
         .await;
     let resp = resp.unwrap_or_else(|e| {
@@ -190,11 +197,11 @@ where
     });
     span.record("http.response.status_code", resp.status().as_u16());
     let total = started.elapsed();
-    metrics::counter!(metric::REQUESTS, "route" => route.name.clone(), "status" => resp.status().as_u16().to_string()).increment(1);
-    metrics::histogram!(metric::UPSTREAM_SECONDS, "route" => route.name.clone())
-        .record(upstream_time.as_secs_f64());
-    metrics::histogram!(metric::ADDED_SECONDS, "route" => route.name.clone())
-        .record(total.saturating_sub(upstream_time).as_secs_f64());
+    metrics.request(
+        resp.status().as_u16(),
+        upstream_time,
+        total.saturating_sub(upstream_time),
+    );
     resp
 }
 
@@ -212,43 +219,6 @@ where
     resp
 }
 
-/// Largest encoded image decoded on the request's task: bounds the header parse done there.
-const INLINE_DECODE_BYTES: usize = 16 * 1024;
-/// Largest image (width × height) decoded on the request's task; 64×64 decodes in tens of µs.
-const INLINE_DECODE_PIXELS: u64 = 64 * 64;
-
-/// Decoded images with their content hash, in request order.
-type Decoded = Vec<(Arc<Image>, blake3::Hash)>;
-
-async fn read_images(
-    guard: &Guard,
-    route: &RouteGuard,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Decoded, GuardError> {
-    let encoded = extract_images(&route.request, headers, body)
-        .map_err(|e| GuardError::BadRequest(e.to_string()))?;
-    let max_pixels = guard.max_pixels();
-    // One small image (the common classifier request) is decoded right here: that takes ~10 µs,
-    // less than the hand-off to the blocking pool and back, which was the largest fixed cost of
-    // a cache hit. Anything bigger, or a batch, still decodes on the pool.
-    if let [b] = encoded.as_slice()
-        && b.len() <= INLINE_DECODE_BYTES
-        && let Some(img) = decode::decode_within(b, max_pixels, INLINE_DECODE_PIXELS)?
-    {
-        return Ok(vec![(Arc::new(img), blake3::hash(b))]);
-    }
-    let decoded = tokio::task::spawn_blocking(move || {
-        encoded
-            .iter()
-            .map(|b| decode::decode(b, max_pixels).map(|img| (Arc::new(img), blake3::hash(b))))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| GuardError::BadRequest(format!("decoder stopped: {e}")))?;
-    Ok(decoded?)
-}
-
 async fn buffer(body: Body, limit: usize) -> Result<Bytes, GuardError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e)
@@ -264,6 +234,7 @@ async fn buffer(body: Body, limit: usize) -> Result<Bytes, GuardError> {
 async fn run<S>(
     guard: &Arc<Guard>,
     route: &RouteGuard,
+    metrics: &Arc<RouteMetrics>,
     inner: S,
     req: Request<Body>,
     upstream_time: &mut Duration,
@@ -284,7 +255,14 @@ where
     // The label is read from the answer, so ask for it uncompressed.
     parts.headers.remove(header::ACCEPT_ENCODING);
     let body = buffer(body, limit).await?;
-    let images = match read_images(guard, route, &parts.headers, &body).await {
+    let read = read_images(
+        &route.request,
+        guard.known_images(),
+        guard.max_pixels(),
+        &parts.headers,
+        &body,
+    );
+    let images = match read.await {
         Ok(i) => i,
         // Shadow never changes what the client sees, bad input included.
         Err(e) if route.policy.mode == PolicyMode::Shadow => {
@@ -332,7 +310,7 @@ where
     // The client learns the id from this response, so registering it now is early enough, and
     // the report just taken serves both the registry and the response.
     guard.registry().insert(&record, &report).await;
-    observe(guard.registry(), route, &report, &record);
+    observe(guard.registry(), metrics, &report, &record);
     match policy::decide(&route.policy, report.verdict) {
         policy::Decision::Reject => Err(GuardError::Rejected(Box::new(report))),
         // Fail closed with no readable prediction: the upstream's answer is at fault, not the scorer.
@@ -374,7 +352,7 @@ fn unreadable(report: &VerdictReport) -> bool {
 async fn score(
     guard: &Arc<Guard>,
     route: &RouteGuard,
-    images: &Decoded,
+    images: &[ImageInput],
     body: &Bytes,
 ) -> RequestRecord {
     let id = uuid::Uuid::new_v4().to_string();
@@ -411,13 +389,9 @@ async fn score(
         Err(e) => return record(unverified_all(e.to_string())),
     };
     let mut instances = Vec::with_capacity(images.len());
-    for ((image, hash), pred) in images.iter().zip(preds) {
+    for (image, pred) in images.iter().zip(preds) {
         let slot = match route.labels.resolve(&pred.label) {
-            Ok((label, name)) => {
-                guard
-                    .verdict_for(image.clone(), hash, label, name, pred.logits)
-                    .await
-            }
+            Ok((label, name)) => guard.verdict_for(image, label, name, pred.logits).await,
             Err(reason) => InstanceSlot::resolved(
                 None,
                 None,
@@ -434,11 +408,34 @@ async fn score(
 /// their record, registered live, is then settled in `registry`.
 fn observe(
     registry: &VerdictRegistry,
-    route: &RouteGuard,
+    metrics: &Arc<RouteMetrics>,
     report: &VerdictReport,
     record: &Arc<RequestRecord>,
 ) {
     let span = tracing::Span::current();
+    // A disabled span (no exporter, no span logging) would drop the joined strings unread.
+    if !span.is_disabled() {
+        record_span(&span, report);
+    }
+    if report.is_final() {
+        record_outcome(metrics, report);
+        return;
+    }
+    let (metrics, record, parent) = (metrics.clone(), record.clone(), span.clone());
+    let registry = registry.clone();
+    tokio::spawn(async move {
+        // Bounded: the registry forgets the id after its retention anyway.
+        record.wait(Duration::from_secs(300)).await;
+        registry.settle(&record).await;
+        let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %record.route);
+        late.follows_from(&parent);
+        let _e = late.enter();
+        record_outcome(&metrics, &record.report());
+    });
+}
+
+/// The verdict's attributes on the request span.
+fn record_span(span: &tracing::Span, report: &VerdictReport) {
     span.record("diffguard.verdict", report.verdict.as_str());
     span.record(
         "diffguard.label",
@@ -469,30 +466,11 @@ fn observe(
             .iter()
             .all(|i| i.cache == super::CacheStatus::Hit),
     );
-    if report.is_final() {
-        record_outcome(route, report);
-        return;
-    }
-    let (route, record, parent) = (route.clone(), record.clone(), span.clone());
-    let registry = registry.clone();
-    tokio::spawn(async move {
-        // Bounded: the registry forgets the id after its retention anyway.
-        record.wait(Duration::from_secs(300)).await;
-        registry.settle(&record).await;
-        let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %route.name);
-        late.follows_from(&parent);
-        let _e = late.enter();
-        record_outcome(&route, &record.report());
-    });
 }
 
-fn record_outcome(route: &RouteGuard, report: &VerdictReport) {
-    let mode = format!("{:?}", route.policy.mode).to_lowercase();
+fn record_outcome(metrics: &RouteMetrics, report: &VerdictReport) {
     for i in &report.instances {
-        let label = i
-            .label
-            .map_or_else(|| "unknown".to_string(), |l| l.to_string());
-        metrics::counter!(metric::VERDICTS, "route" => route.name.clone(), "label" => label, "verdict" => i.verdict.as_str(), "mode" => mode.clone()).increment(1);
+        metrics.verdict(i.label, i.verdict.as_str());
     }
     if report.verdict == Verdict::Ood {
         let ood = |i: &super::verdict::InstanceReport| i.verdict == Verdict::Ood;
@@ -505,7 +483,7 @@ fn record_outcome(route: &RouteGuard, report: &VerdictReport) {
         tracing::warn!(
             diffguard.id = %report.id,
             diffguard.route = %report.route,
-            diffguard.mode = %mode,
+            diffguard.mode = %metrics.mode(),
             diffguard.label = %labels,
             diffguard.score = %scores,
             "diffguard.ood"
@@ -532,15 +510,15 @@ fn annotate(
     shown: Verdict,
     inject_body: bool,
 ) -> Response {
-    let mut set = |name: &'static str, value: String| {
+    let mut set = |name: &HeaderName, value: String| {
         if let Ok(v) = HeaderValue::from_str(&value) {
-            parts.headers.insert(name, v);
+            parts.headers.insert(name.clone(), v);
         }
     };
-    set(H_VERDICT, shown.as_str().to_string());
-    set(H_ID, report.id.clone());
+    set(&H_VERDICT, shown.as_str().to_string());
+    set(&H_ID, report.id.clone());
     set(
-        H_CACHE,
+        &H_CACHE,
         report
             .instances
             .iter()
@@ -549,15 +527,15 @@ fn annotate(
             .join(","),
     );
     if report.instances.iter().any(|i| i.label.is_some()) {
-        set(H_LABEL, join(report, |i| i.label.map(|l| l.to_string())));
+        set(&H_LABEL, join(report, |i| i.label.map(|l| l.to_string())));
     }
     if report.instances.iter().any(|i| i.score.is_some()) {
         set(
-            H_SCORE,
+            &H_SCORE,
             join(report, |i| i.score.map(|s| format!("{s:.6}"))),
         );
         set(
-            H_THRESHOLD,
+            &H_THRESHOLD,
             join(report, |i| i.threshold.map(|s| format!("{s:.6}"))),
         );
     }

@@ -4,6 +4,7 @@
 //! - [`diffguard`]: the DiffGuard detector (the engine, from a model bundle).
 //! - [`logits`]: a model-free detector on the upstream's own logits (energy, max-logit, MSP).
 //! - [`decode`]: image decoding with pixel limits.
+//! - [`input`]: a request's images: hashed always, decoded only when needed.
 //! - [`verdict`]: verdicts, outcomes, cache keys, reports.
 //! - [`queue`]: bounded, micro-batched, single-flight scoring on OS threads.
 //! - [`registry`]: verdict ids for late verdicts.
@@ -13,6 +14,7 @@
 pub mod decode;
 pub mod detector;
 pub mod diffguard;
+pub mod input;
 pub mod layer;
 pub mod logits;
 pub mod policy;
@@ -29,6 +31,7 @@ pub use self::decode::DecodeError;
 pub use self::detector::{
     Detector, DetectorError, Image, Job, Score, UnwiredDetector, build_detector,
 };
+pub use self::input::{ImageInput, KnownImages};
 pub use self::layer::{DiffGuardLayer, DiffGuardService, RouteGuard};
 use self::queue::{ScoringQueue, Submitted};
 use self::registry::InstanceSlot;
@@ -59,6 +62,7 @@ pub struct Guard {
     queue: Arc<ScoringQueue>,
     cache: Arc<Tiered>,
     registry: VerdictRegistry,
+    known: KnownImages,
     max_body_bytes: usize,
     max_pixels: u64,
 }
@@ -97,6 +101,7 @@ impl Guard {
                 cfg.verdicts.capacity,
                 Duration::from_secs(cfg.verdicts.retention_secs),
             ),
+            known: KnownImages::new(Duration::from_secs(cfg.cache.memory_ttl_secs)),
             max_body_bytes: cfg.server.max_body_bytes,
             max_pixels: cfg.server.max_pixels,
         }))
@@ -132,6 +137,11 @@ impl Guard {
         self.max_body_bytes
     }
 
+    /// Images known to decode within this guard's limits.
+    pub fn known_images(&self) -> &KnownImages {
+        &self.known
+    }
+
     /// Decoded pixel limit.
     pub fn max_pixels(&self) -> u64 {
         self.max_pixels
@@ -140,13 +150,12 @@ impl Guard {
     /// Finds or starts the verdict for one image + label: cache, then single-flight queue.
     pub async fn verdict_for(
         &self,
-        image: Arc<Image>,
-        image_hash: &blake3::Hash,
+        image: &ImageInput,
         label: u32,
         label_name: Option<String>,
         logits: Option<Vec<f32>>,
     ) -> InstanceSlot {
-        let key = VerdictKey::new(image_hash, label, &self.fingerprint);
+        let key = VerdictKey::new(image.hash(), label, &self.fingerprint);
         // In-flight first: the follow-up fills the memory tier before it ends single-flight, so
         // checking in this order never misses a verdict that is just being cached.
         if let Some(slot) = self.queue.join(&key) {
@@ -165,6 +174,19 @@ impl Guard {
                 Outcome::Scored(score),
             );
         }
+        let unverified = |reason: String| {
+            InstanceSlot::resolved(
+                Some(label),
+                label_name.clone(),
+                CacheStatus::Miss,
+                Outcome::Unverified { reason },
+            )
+        };
+        // Only a miss needs the pixels; an image known to decode is decoded here, not earlier.
+        let image = match image.pixels(self.max_pixels).await {
+            Ok(i) => i,
+            Err(e) => return unverified(e.to_string()),
+        };
         let job = Job {
             image,
             label,
@@ -181,14 +203,7 @@ impl Guard {
                     slot,
                 }
             }
-            Submitted::Full => InstanceSlot::resolved(
-                Some(label),
-                label_name,
-                CacheStatus::Miss,
-                Outcome::Unverified {
-                    reason: "scoring queue full".into(),
-                },
-            ),
+            Submitted::Full => unverified("scoring queue full".into()),
         }
     }
 

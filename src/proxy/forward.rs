@@ -21,15 +21,16 @@ use crate::error::GuardError;
 use crate::telemetry;
 
 /// Headers that describe one connection and must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// Built at compile time: parsing names per request was a visible share of a forward's CPU.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes hop-by-hop headers, including any listed in `Connection`.
@@ -41,12 +42,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for h in HOP_BY_HOP
-        .iter()
-        .copied()
-        .map(HeaderName::from_static)
-        .chain(listed)
-    {
+    for h in HOP_BY_HOP.iter().chain(&listed) {
         headers.remove(h);
     }
 }

@@ -13,6 +13,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::{FilterExt, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -145,6 +146,10 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_filter));
+    // Without span context the fmt layer is not interested in spans at all, so with no exporter
+    // a request's spans are disabled and their field recording costs nothing.
+    let log_spans = cfg.log_spans;
+    let filter = filter.and(filter_fn(move |m| log_spans || !m.is_span()));
     let fmt = if cfg.log_format == "json" {
         tracing_subscriber::fmt::layer()
             .json()
@@ -163,15 +168,18 @@ pub fn init(cfg: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
         .as_ref()
         .map(|t| build_provider(cfg, t))
         .transpose()?;
-    let otel = provider.as_ref().map(|p| {
-        opentelemetry::global::set_tracer_provider(p.clone());
-        tracing_opentelemetry::layer().with_tracer(p.tracer("diffguard"))
-    });
-    tracing_subscriber::registry()
-        .with(otel)
-        .with(fmt.with_filter(filter))
-        .try_init()
-        .map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
+    let logs = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    // Not `.with(Option<layer>)`: an absent layer there counts as interested in every span, which
+    // would build every span of every request with nothing to send it to.
+    let installed = match &provider {
+        Some(p) => {
+            opentelemetry::global::set_tracer_provider(p.clone());
+            logs.with(tracing_opentelemetry::layer().with_tracer(p.tracer("diffguard")))
+                .try_init()
+        }
+        None => logs.try_init(),
+    };
+    installed.map_err(|e| TelemetryError::Subscriber(e.to_string()))?;
     Ok(TelemetryGuard { provider })
 }
 
