@@ -5,6 +5,7 @@
 #   scripts/bench_proxy.sh                      # both upstreams, 3 reps x 10 s per target
 #   UPSTREAMS=static DURATION=5 REPS=1 scripts/bench_proxy.sh
 #   MODE=instructions scripts/bench_proxy.sh    # instructions per request under callgrind
+#   DETECTOR=logits UPSTREAMS=static scripts/bench_proxy.sh   # no model loaded (RSS target)
 #
 # MODE=instructions counts what each proxy executes per request (valgrind's callgrind, static
 # upstream): nginx, the guard on a cache hit (`flag`), and the guard passing through (`off`, the
@@ -28,6 +29,14 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 MODE=${MODE:-wall}
+# diffguard: the bundled models (benches/guard.toml); logits: the model-free detector
+# (benches/guard-logits.toml), for which the static upstream answers a full score vector.
+DETECTOR=${DETECTOR:-diffguard}
+case $DETECTOR in
+  diffguard) GUARD_TOML=benches/guard.toml ;;
+  logits) GUARD_TOML=benches/guard-logits.toml ;;
+  *) echo "unknown DETECTOR=$DETECTOR" >&2; exit 1 ;;
+esac
 UPSTREAMS=${UPSTREAMS:-"static example"}
 DURATION=${DURATION:-10}          # seconds per measured run
 WARMUP=${WARMUP:-2}               # seconds of unmeasured load per target before rep 1
@@ -136,6 +145,11 @@ ANSWER=$(curl -sf -X POST --data-binary "@$IMAGE" -H 'Content-Type: image/png' \
   "http://127.0.0.1:$P_EXAMPLE$PATH_Q")
 [[ $ANSWER == \{* && $ANSWER != *"'"* ]] || die "example upstream answered: $ANSWER"
 log "example upstream answer: $ANSWER"
+if [ "$DETECTOR" = logits ]; then
+  [ "$UPSTREAMS" = static ] || die "DETECTOR=logits needs UPSTREAMS=static (the example answers no score vector)"
+  # Logits whose argmax is the example's label for the image (Bag, id 8).
+  ANSWER='{"scores": [-1.2, -3.0, 0.4, -0.8, -2.1, 1.0, -0.5, 0.2, 7.5, -1.9]}'
+fi
 
 nginx_conf static "server {
     listen 127.0.0.1:$P_STATIC;
@@ -215,7 +229,7 @@ if [ "$MODE" = instructions ]; then
   }" "master_process off;" "${CG[@]}"
   NGINX_PID=${PIDS[-1]}
   # The same guard serves the cache-hit route and a pass-through route (`off`) to one upstream.
-  sed "s#@UPSTREAM@#$UP_URL#" benches/guard.toml >"$WORK/guard-cg.toml"
+  sed "s#@UPSTREAM@#$UP_URL#" "$GUARD_TOML" >"$WORK/guard-cg.toml"
   printf '\n[[routes]]\nname = "passthrough"\nprefix = "/passthrough/"\nupstream = "%s"\n%s\n' \
     "$UP_URL" 'request = { kind = "raw" }
 response = { kind = "argmax", pointer = "/scores" }
@@ -280,7 +294,7 @@ for up in $UPSTREAMS; do
   NGINX_PID=${PIDS[-1]}
   wait_port "$P_NGINX" "nginx proxy"
 
-  sed "s#@UPSTREAM@#$UP_URL#" benches/guard.toml >"$WORK/guard-$up.toml"
+  sed "s#@UPSTREAM@#$UP_URL#" "$GUARD_TOML" >"$WORK/guard-$up.toml"
   "$GUARD_BIN" serve --config "$WORK/guard-$up.toml" --listen "127.0.0.1:$P_GUARD" \
     --ops-listen "127.0.0.1:$P_OPS" 2>"$WORK/guard-$up.log" &
   GUARD_PID=$!
