@@ -137,6 +137,21 @@ EOF
   PIDS+=($!)
 }
 
+# nginx as a plain reverse proxy on $P_NGINX to an upstream port, keep-alive both sides.
+nginx_proxy() { # name upstream-port [main-directives [launcher...]]
+  nginx_conf "$1" "upstream backend { server 127.0.0.1:$2; keepalive 64; }
+  server {
+    listen 127.0.0.1:$P_NGINX;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }" "${@:3}"
+}
+
 "$UPSTREAM_BIN" "127.0.0.1:$P_EXAMPLE" 2>"$WORK/example.log" &
 EXAMPLE_PID=$!
 PIDS+=($EXAMPLE_PID)
@@ -216,17 +231,7 @@ count_instructions() { # pid url
 if [ "$MODE" = instructions ]; then
   CG=(valgrind --tool=callgrind "--callgrind-out-file=$WORK/cg.%p")
   UP_URL=http://127.0.0.1:$P_STATIC
-  nginx_conf cg-nginx "upstream backend { server 127.0.0.1:$P_STATIC; keepalive 64; }
-  server {
-    listen 127.0.0.1:$P_NGINX;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection \"\";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    }
-  }" "master_process off;" "${CG[@]}"
+  nginx_proxy cg-nginx "$P_STATIC" "master_process off;" "${CG[@]}"
   NGINX_PID=${PIDS[-1]}
   # The same guard serves the cache-hit route and a pass-through route (`off`) to one upstream.
   sed "s#@UPSTREAM@#$UP_URL#" "$GUARD_TOML" >"$WORK/guard-cg.toml"
@@ -280,17 +285,7 @@ for up in $UPSTREAMS; do
   esac
   UP_URL=http://127.0.0.1:$UP_PORT
 
-  nginx_conf "proxy-$up" "upstream backend { server 127.0.0.1:$UP_PORT; keepalive 64; }
-  server {
-    listen 127.0.0.1:$P_NGINX;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection \"\";
-      proxy_set_header Host \$host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-    }
-  }"
+  nginx_proxy "proxy-$up" "$UP_PORT"
   NGINX_PID=${PIDS[-1]}
   wait_port "$P_NGINX" "nginx proxy"
 
