@@ -10,6 +10,7 @@
 //! - [`api`]: late verdicts (poll and SSE); [`ops`]: health, readiness, metrics, OpenAPI.
 //! - [`server`]: listeners and graceful shutdown; [`upstream`]: the example classifier server;
 //!   [`demo`]: the `diffguard demo` command; [`cli`]: `diffguard eval` and `diffguard calibrate`.
+//! - [`webhook`]: the optional POST of OOD verdict reports.
 
 pub mod api;
 pub mod cache;
@@ -23,3 +24,4 @@ pub mod proxy;
 pub mod server;
 pub mod telemetry;
 pub mod upstream;
+pub mod webhook;

@@ -71,6 +71,17 @@ fn bad_values_name_their_key() {
             ),
             "routes[0].labels",
         ),
+        (
+            format!("[webhook]\nurl = \"ftp://hooks\"\n{}", route("")),
+            "webhook.url",
+        ),
+        (
+            format!(
+                "[webhook]\nurl = \"http://h\"\ntimeout_ms = 0\n{}",
+                route("")
+            ),
+            "webhook.timeout_ms",
+        ),
         ("[server]\n".to_string(), "routes"),
         (route("").replace("\"/p\"", "\"/diffguard/x\""), "reserved"),
     ];

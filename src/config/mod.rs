@@ -51,6 +51,9 @@ pub struct Config {
     /// How long verdict ids stay answerable.
     #[serde(default)]
     pub verdicts: VerdictsConfig,
+    /// Optional POST of every OOD verdict report to an endpoint.
+    #[serde(default)]
+    pub webhook: WebhookConfig,
     /// Path prefix → upstream routes; the longest matching prefix wins.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -267,6 +270,32 @@ impl Default for VerdictsConfig {
         Self {
             retention_secs: 600,
             capacity: 20_000,
+        }
+    }
+}
+
+/// The optional webhook on OOD verdicts.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// `http://` or `https://` endpoint that receives each OOD verdict report; unset → off.
+    pub url: Option<String>,
+    /// Deadline per attempt.
+    pub timeout_ms: u64,
+    /// Further attempts after a connection error, a timeout, 429 or 5xx (doubling back-off from
+    /// 200 ms); other 4xx answers are final.
+    pub retries: u32,
+    /// Reports waiting for delivery; beyond it new ones are dropped and counted.
+    pub queue_capacity: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            timeout_ms: 2_000,
+            retries: 2,
+            queue_capacity: 1_024,
         }
     }
 }

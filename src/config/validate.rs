@@ -53,6 +53,11 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
             "must be `grpc` or `http/protobuf`",
         ));
     }
+    if let Some(url) = &c.webhook.url {
+        validate_webhook(url).map_err(|m| invalid("webhook.url", m))?;
+    }
+    positive("webhook.timeout_ms", c.webhook.timeout_ms)?;
+    positive("webhook.queue_capacity", c.webhook.queue_capacity as u64)?;
     if c.routes.is_empty() {
         return Err(invalid("routes", "at least one route is needed"));
     }
@@ -109,6 +114,19 @@ fn validate_upstream(url: &str) -> Result<(), String> {
     }
     if uri.query().is_some() {
         return Err(format!("`{url}` must not carry a query"));
+    }
+    Ok(())
+}
+
+fn validate_webhook(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("`{url}` must start with http:// or https://"));
+    }
+    if uri.authority().is_none() {
+        return Err(format!("`{url}` has no host"));
     }
     Ok(())
 }

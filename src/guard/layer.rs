@@ -29,7 +29,7 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::{Instrument, field::Empty};
 
 use super::input::{ImageInput, read_images};
-use super::registry::{InstanceSlot, RequestRecord, VerdictRegistry};
+use super::registry::{InstanceSlot, RequestRecord};
 use super::verdict::{Outcome, Verdict, VerdictReport};
 use super::{Guard, policy};
 use crate::config::{
@@ -310,7 +310,7 @@ where
     // The client learns the id from this response, so registering it now is early enough, and
     // the report just taken serves both the registry and the response.
     guard.registry().insert(&record, &report).await;
-    observe(guard.registry(), metrics, &report, &record);
+    observe(guard, metrics, &report, &record);
     match policy::decide(&route.policy, report.verdict) {
         policy::Decision::Reject => Err(GuardError::Rejected(Box::new(report))),
         // Fail closed with no readable prediction: the upstream's answer is at fault, not the scorer.
@@ -404,10 +404,10 @@ async fn score(
     record(instances)
 }
 
-/// Span attributes, metrics and the OOD event; late verdicts are observed when they arrive, and
-/// their record, registered live, is then settled in `registry`.
+/// Span attributes, metrics, the OOD event and webhook; late verdicts are observed when they
+/// arrive, and their record, registered live, is then settled in the registry.
 fn observe(
-    registry: &VerdictRegistry,
+    guard: &Arc<Guard>,
     metrics: &Arc<RouteMetrics>,
     report: &VerdictReport,
     record: &Arc<RequestRecord>,
@@ -418,19 +418,19 @@ fn observe(
         record_span(&span, report);
     }
     if report.is_final() {
-        record_outcome(metrics, report);
+        record_outcome(guard, metrics, report);
         return;
     }
     let (metrics, record, parent) = (metrics.clone(), record.clone(), span.clone());
-    let registry = registry.clone();
+    let guard = guard.clone();
     tokio::spawn(async move {
         // Bounded: the registry forgets the id after its retention anyway.
         record.wait(Duration::from_secs(300)).await;
-        registry.settle(&record).await;
+        guard.registry().settle(&record).await;
         let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %record.route);
         late.follows_from(&parent);
         let _e = late.enter();
-        record_outcome(&metrics, &record.report());
+        record_outcome(&guard, &metrics, &record.report());
     });
 }
 
@@ -468,7 +468,7 @@ fn record_span(span: &tracing::Span, report: &VerdictReport) {
     );
 }
 
-fn record_outcome(metrics: &RouteMetrics, report: &VerdictReport) {
+fn record_outcome(guard: &Guard, metrics: &RouteMetrics, report: &VerdictReport) {
     for i in &report.instances {
         metrics.verdict(i.label, i.verdict.as_str());
     }
@@ -488,6 +488,9 @@ fn record_outcome(metrics: &RouteMetrics, report: &VerdictReport) {
             diffguard.score = %scores,
             "diffguard.ood"
         );
+        if let Some(w) = guard.webhook() {
+            w.notify(report);
+        }
     }
 }
 

@@ -39,6 +39,7 @@ pub use self::registry::{RequestRecord, VerdictRegistry};
 pub use self::verdict::{CacheStatus, Outcome, Verdict, VerdictKey, VerdictReport};
 use crate::cache::{MemoryStore, RedisStore, Tiered};
 use crate::config::Config;
+use crate::webhook::Webhook;
 
 fn joined(label: u32, label_name: Option<String>, slot: queue::Slot) -> InstanceSlot {
     // Already answered but not yet cached: served without scoring, i.e. a hit.
@@ -63,6 +64,7 @@ pub struct Guard {
     cache: Arc<Tiered>,
     registry: VerdictRegistry,
     known: KnownImages,
+    webhook: Option<Webhook>,
     max_body_bytes: usize,
     max_pixels: u64,
 }
@@ -73,6 +75,9 @@ pub enum GuardInitError {
     /// Redis URL unusable (an unreachable Redis is not an error).
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
+    /// Webhook URL or TLS client unusable (an unreachable endpoint is not an error).
+    #[error(transparent)]
+    Webhook(#[from] crate::webhook::WebhookError),
 }
 
 impl Guard {
@@ -102,6 +107,7 @@ impl Guard {
                 Duration::from_secs(cfg.verdicts.retention_secs),
             ),
             known: KnownImages::new(Duration::from_secs(cfg.cache.memory_ttl_secs)),
+            webhook: Webhook::start(&cfg.webhook)?,
             max_body_bytes: cfg.server.max_body_bytes,
             max_pixels: cfg.server.max_pixels,
         }))
@@ -135,6 +141,11 @@ impl Guard {
     /// Body limit in bytes.
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+
+    /// Where OOD verdict reports are sent, when configured.
+    pub fn webhook(&self) -> Option<&Webhook> {
+        self.webhook.as_ref()
     }
 
     /// Images known to decode within this guard's limits.

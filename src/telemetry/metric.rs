@@ -23,6 +23,9 @@ pub const SINGLE_FLIGHT_JOINS: &str = "diffguard_single_flight_joins_total";
 /// Request images decoded to pixels: a cache hit on an image this guard has decoded before
 /// needs no decode, so this grows more slowly than the image count.
 pub const IMAGES_DECODED: &str = "diffguard_images_decoded_total";
+/// Webhook deliveries of OOD reports by `result` (`ok`, `failed` after retries, `dropped` when
+/// the queue was full).
+pub const WEBHOOK: &str = "diffguard_webhook_deliveries_total";
 /// Verdicts by `route`, `label`, `verdict`, `mode`.
 pub const VERDICTS: &str = "diffguard_verdicts_total";
 /// Detector time per image.
