@@ -36,14 +36,6 @@ async fn receiver(statuses: Vec<u16>) -> (Upstream, Received) {
     (Upstream::router(app).await, got)
 }
 
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ood_reports_are_posted_retried_and_never_delay_the_answer() {
     let up = Upstream::example().await;
@@ -63,7 +55,7 @@ async fn ood_reports_are_posted_retried_and_never_delay_the_answer() {
     assert_eq!(ood.h("diffguard-verdict"), Some("ood"));
     let id = ood.h("diffguard-id").unwrap().to_string();
 
-    until("two attempts", || got.lock().unwrap().len() == 2).await;
+    wait_until("two attempts", || got.lock().unwrap().len() == 2).await;
     for (headers, report) in got.lock().unwrap().iter() {
         assert_eq!(report["id"], id.as_str());
         assert_eq!(report["verdict"], "ood");

@@ -357,6 +357,18 @@ pub fn classifier_label(png: &[u8]) -> usize {
         .0
 }
 
+/// Polls `f` until it holds; fails the test after 8 s.
+pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Counts of a metric family's samples in the Prometheus text, keyed by the full sample line prefix.
 pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
     text.lines()
