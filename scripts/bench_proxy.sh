@@ -6,6 +6,12 @@
 #   UPSTREAMS=static DURATION=5 REPS=1 scripts/bench_proxy.sh
 #   MODE=instructions scripts/bench_proxy.sh    # instructions per request under callgrind
 #   DETECTOR=logits UPSTREAMS=static scripts/bench_proxy.sh   # no model loaded (RSS target)
+#   MODE=latency RATE=2000 scripts/bench_proxy.sh               # open-loop, fixed request rate
+#
+# MODE=latency replaces wrk (closed loop: 32 connections each waiting for its answer, so it
+# measures queueing at saturation) by examples/loadgen.rs at a fixed request rate below every
+# target's capacity, with latency counted per request sent on schedule. Its added p50/p99 are
+# what a client sees at that load; the table has the same columns (req/s is then just RATE).
 #
 # MODE=instructions counts what each proxy executes per request (valgrind's callgrind, static
 # upstream): nginx, the guard on a cache hit (`flag`), and the guard passing through (`off`, the
@@ -54,6 +60,8 @@ PATH_Q=/predictions/fashion
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 GUARD_BIN=${GUARD_BIN:-$TARGET_DIR/release/diffguard}
 UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET_DIR/release/examples/upstream}
+LOADGEN_BIN=${LOADGEN_BIN:-$TARGET_DIR/release/examples/loadgen}
+RATE=${RATE:-2000}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -78,9 +86,9 @@ need_pkg nginx nginx-light nginx
 need_pkg wrk wrk
 [ "$MODE" = instructions ] && need_pkg valgrind valgrind
 command -v curl >/dev/null || die "curl missing"
-if [ ! -x "$GUARD_BIN" ] || [ ! -x "$UPSTREAM_BIN" ]; then
+if [ ! -x "$GUARD_BIN" ] || [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$LOADGEN_BIN" ]; then
   log "building release binaries into $TARGET_DIR"
-  cargo build --release -q -p diffguard --bin diffguard --example upstream
+  cargo build --release -q -p diffguard --bin diffguard --example upstream --example loadgen
 fi
 [ -f "$IMAGE" ] || die "no image $IMAGE"
 
@@ -188,8 +196,17 @@ function done(s, lat, req)
 end
 EOF
 
-# One bounded wrk run; prints "rps p50_us p99_us requests errors".
+# One bounded load run; prints "rps p50_us p99_us requests errors".
 load() { # url seconds
+  if [ "$MODE" = latency ]; then
+    local j
+    j=$(timeout $(($2 + 60)) "$LOADGEN_BIN" --url "$1" --body "$ROOT/$IMAGE" \
+      --content-type image/png --rate "$RATE" --duration "$2" --warmup 0)
+    jget() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p" <<<"$j"; }
+    log "loadgen: $j"
+    echo "$(awk -v n="$(jget ok)" -v d="$2" 'BEGIN {print n / d}') $(jget p50_us) $(jget p99_us) $(jget ok) $(jget errors)"
+    return
+  fi
   timeout $(($2 + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$2s" --timeout 5s -s "$WORK/post.lua" "$1" \
     | sed -n 's/^RESULT rps=\([^ ]*\) p50_us=\([^ ]*\) p99_us=\([^ ]*\) requests=\([^ ]*\) errors=\(.*\)$/\1 \2 \3 \4 \5/p'
 }
