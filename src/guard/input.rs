@@ -44,11 +44,6 @@ impl ImageInput {
         &self.hash
     }
 
-    /// Whether the pixels were decoded while reading the request.
-    pub fn is_decoded(&self) -> bool {
-        matches!(self.pixels, Pixels::Decoded(_))
-    }
-
     /// The pixels, decoding them now if reading the request skipped it.
     pub async fn pixels(&self, max_pixels: u64) -> Result<Arc<Image>, GuardError> {
         match &self.pixels {

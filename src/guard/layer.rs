@@ -2,8 +2,9 @@
 //! is the product; around a Rust service's own classifier route it guards that route in-process.
 //!
 //! Per request: strip client `diffguard-*` headers → buffer the body (limit) → extract and hash
-//! the image(s), decoding those this guard has not seen (pixel limit) → call the inner service → read the label(s) from its JSON answer →
-//! cache / single-flight scoring → wait within the budget → apply the policy → annotate.
+//! the image(s), decoding those this guard has not seen (pixel limit) → call the inner service →
+//! read the label(s) from its JSON answer → cache / single-flight scoring (pixels decoded on a
+//! miss) → wait within the budget → apply the policy → annotate.
 //!
 //! ```no_run
 //! # async fn demo(cfg: diffguard::config::Config, route: diffguard::config::RouteConfig) {
