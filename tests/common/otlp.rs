@@ -131,7 +131,19 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
         }
     }))
     .await;
+    // The webhook's receiver: an OOD report carries the request's trace context.
+    let hook_seen = Seen::default();
+    let h2 = hook_seen.clone();
+    let hook = Upstream::router(axum::Router::new().fallback(move |h: HeaderMap| {
+        let s = h2.clone();
+        async move {
+            s.push(&h);
+            "ok"
+        }
+    }))
+    .await;
     let g = guard()
+        .with(&format!("[webhook]\nurl = \"{}/hook\"", hook.url()))
         .route(&up, "name = \"traced\"\nprefix = \"/predictions/\"\nupstream = \"{up}\"\nrequest = { kind = \"raw\" }\nresponse = { kind = \"top_key\" }\npolicy = { mode = \"flag\", wait_ms = 3000 }\nlabels = [\"T-shirt/top\", \"Trouser\", \"Pullover\", \"Dress\", \"Coat\", \"Sandal\", \"Shirt\", \"Sneaker\", \"Bag\", \"Ankle boot\"]")
         .start(TestDetector::new())
         .await;
@@ -222,6 +234,17 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
             "{child} is a child of the request span"
         );
     }
+    // The webhook delivery joins the trace as a child of the request span.
+    wait_until("the webhook delivery", || !hook_seen.last().is_empty()).await;
+    let hook_tp = hook_seen
+        .last()
+        .get("traceparent")
+        .cloned()
+        .expect("traceparent on the webhook");
+    let hook_parts: Vec<&str> = hook_tp.split('-').collect();
+    assert_eq!(hook_parts[1], TRACE_ID, "{hook_tp}");
+    assert_eq!(hook_parts[2], hex(&req.span_id), "{hook_tp}");
+
     let score_span = find("diffguard.score").unwrap();
     assert!(
         score_span
