@@ -100,18 +100,26 @@ fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
     }
 }
 
-fn validate_upstream(url: &str) -> Result<(), String> {
+/// Parses an absolute URL with one of `schemes` and a host.
+fn http_url(url: &str, schemes: &[&str], why: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!(
-            "`{url}`: only http:// upstreams are supported (terminate TLS in front)"
-        ));
+    if !uri.scheme_str().is_some_and(|s| schemes.contains(&s)) {
+        return Err(format!("`{url}`: {why}"));
     }
     if uri.authority().is_none() {
         return Err(format!("`{url}` has no host"));
     }
+    Ok(uri)
+}
+
+fn validate_upstream(url: &str) -> Result<(), String> {
+    let uri = http_url(
+        url,
+        &["http"],
+        "only http:// upstreams are supported (terminate TLS in front)",
+    )?;
     if uri.query().is_some() {
         return Err(format!("`{url}` must not carry a query"));
     }
@@ -119,16 +127,12 @@ fn validate_upstream(url: &str) -> Result<(), String> {
 }
 
 fn validate_webhook(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(format!("`{url}` must start with http:// or https://"));
-    }
-    if uri.authority().is_none() {
-        return Err(format!("`{url}` has no host"));
-    }
-    Ok(())
+    http_url(
+        url,
+        &["http", "https"],
+        "must start with http:// or https://",
+    )
+    .map(|_| ())
 }
 
 fn validate_pointer(key: String, p: &str) -> Result<(), ConfigError> {

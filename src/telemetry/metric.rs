@@ -20,8 +20,8 @@ pub const JOBS_DROPPED: &str = "diffguard_jobs_dropped_total";
 pub const JOBS: &str = "diffguard_jobs_total";
 /// Requests that joined an identical in-flight job.
 pub const SINGLE_FLIGHT_JOINS: &str = "diffguard_single_flight_joins_total";
-/// Request images decoded to pixels: a cache hit on an image this guard has decoded before
-/// needs no decode, so this grows more slowly than the image count.
+/// Request images handed to the decoder (undecodable ones included): a cache hit on an image
+/// this guard has decoded before needs no decode, so this grows more slowly than the image count.
 pub const IMAGES_DECODED: &str = "diffguard_images_decoded_total";
 /// Webhook deliveries of OOD reports by `result` (`ok`, `failed` after retries, `dropped` when
 /// the queue was full).

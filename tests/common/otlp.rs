@@ -122,26 +122,10 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
     assert!(telemetry.exporting());
 
     let seen = Seen::default();
-    let s2 = seen.clone();
-    let up = Upstream::router(axum::Router::new().fallback(move |h: HeaderMap| {
-        let s = s2.clone();
-        async move {
-            s.push(&h);
-            axum::Json(serde_json::json!({"Bag": 0.9, "Coat": 0.1}))
-        }
-    }))
-    .await;
+    let up = recorder(&seen, serde_json::json!({"Bag": 0.9, "Coat": 0.1})).await;
     // The webhook's receiver: an OOD report carries the request's trace context.
     let hook_seen = Seen::default();
-    let h2 = hook_seen.clone();
-    let hook = Upstream::router(axum::Router::new().fallback(move |h: HeaderMap| {
-        let s = h2.clone();
-        async move {
-            s.push(&h);
-            "ok"
-        }
-    }))
-    .await;
+    let hook = recorder(&hook_seen, serde_json::json!({})).await;
     let g = guard()
         .with(&format!("[webhook]\nurl = \"{}/hook\"", hook.url()))
         .route(&up, "name = \"traced\"\nprefix = \"/predictions/\"\nupstream = \"{up}\"\nrequest = { kind = \"raw\" }\nresponse = { kind = \"top_key\" }\npolicy = { mode = \"flag\", wait_ms = 3000 }\nlabels = [\"T-shirt/top\", \"Trouser\", \"Pullover\", \"Dress\", \"Coat\", \"Sandal\", \"Shirt\", \"Sneaker\", \"Bag\", \"Ankle boot\"]")
@@ -159,15 +143,10 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
     assert_eq!(r.h("diffguard-verdict"), Some("ood"));
 
     // The upstream joins the client's trace, as a child of the guard's upstream span.
-    let up_tp = seen
-        .last()
-        .get("traceparent")
-        .cloned()
-        .expect("traceparent reached the upstream");
-    let parts: Vec<&str> = up_tp.split('-').collect();
-    assert_eq!(parts[1], TRACE_ID, "{up_tp}");
+    let (up_trace, up_parent) = traceparent_at(&seen, "the upstream");
+    assert_eq!(up_trace, TRACE_ID);
     assert_ne!(
-        parts[2], PARENT_ID,
+        up_parent, PARENT_ID,
         "the guard injects its own span as the parent"
     );
 
@@ -224,7 +203,7 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
     assert_eq!(upstream.parent_span_id, req.span_id);
     assert_eq!(
         hex(&upstream.span_id),
-        parts[2],
+        up_parent,
         "the upstream saw the upstream span as its parent"
     );
     for child in ["cache", "wait"] {
@@ -236,14 +215,9 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
     }
     // The webhook delivery joins the trace as a child of the request span.
     wait_until("the webhook delivery", || !hook_seen.last().is_empty()).await;
-    let hook_tp = hook_seen
-        .last()
-        .get("traceparent")
-        .cloned()
-        .expect("traceparent on the webhook");
-    let hook_parts: Vec<&str> = hook_tp.split('-').collect();
-    assert_eq!(hook_parts[1], TRACE_ID, "{hook_tp}");
-    assert_eq!(hook_parts[2], hex(&req.span_id), "{hook_tp}");
+    let (hook_trace, hook_parent) = traceparent_at(&hook_seen, "the webhook");
+    assert_eq!(hook_trace, TRACE_ID);
+    assert_eq!(hook_parent, hex(&req.span_id));
 
     let score_span = find("diffguard.score").unwrap();
     assert!(
@@ -253,6 +227,31 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
             .any(|l| l.span_id == req.span_id && l.trace_id == req.trace_id),
         "scoring span linked to the request span"
     );
+}
+
+/// A loopback server that records each request's headers in `seen` and answers `answer`.
+async fn recorder(seen: &Seen, answer: serde_json::Value) -> Upstream {
+    let seen = seen.clone();
+    Upstream::router(axum::Router::new().fallback(move |h: HeaderMap| {
+        let (seen, answer) = (seen.clone(), answer.clone());
+        async move {
+            seen.push(&h);
+            axum::Json(answer)
+        }
+    }))
+    .await
+}
+
+/// (trace id, parent span id) of the last `traceparent` that `seen` recorded.
+fn traceparent_at(seen: &Seen, at: &str) -> (String, String) {
+    let tp = seen
+        .last()
+        .get("traceparent")
+        .cloned()
+        .unwrap_or_else(|| panic!("no traceparent reached {at}"));
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "malformed traceparent at {at}: {tp}");
+    (parts[1].to_string(), parts[2].to_string())
 }
 
 async fn telemetry_flush(t: &diffguard::telemetry::TelemetryGuard) {
