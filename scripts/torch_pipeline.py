@@ -18,8 +18,12 @@ Both structures give the same numbers as the engine up to float rounding; `table
 (scores, k*, labels) while it builds the ratio table, so the bench is also an end-to-end parity
 test of the whole pipeline against an independent implementation.
 
-  torch_pipeline.py run --case JSON_LINE_FILE --structure reference|batched [--threads 1] ...
-  torch_pipeline.py table --ours ours.jsonl --torch torch.jsonl [--out FILE.md]
+  torch_pipeline.py run --case JSON_LINE_FILE --structure reference|batched [--threads 1]
+                        [--device cpu|cuda] ...
+  torch_pipeline.py table --ours ours.jsonl --torch torch.jsonl [--clock cpu|wall] [--out FILE.md]
+
+On a GPU (`--device cuda`, beside the engine's `bench_pipeline --device cuda`) compare wall time
+(`table --clock wall`): the host's CPU time then mostly measures kernel launches and waiting.
 
 Requires torch, numpy, safetensors (scripts/bench_vs_torch.sh documents the venv).
 """
@@ -89,14 +93,17 @@ def start_index(k, n, fsd):
 
 
 class Pipeline:
-    def __init__(self, bundle_dir, recipe, structure):
+    def __init__(self, bundle_dir, recipe, structure, device="cpu"):
+        self.dev = torch.device(device)
         man = json.load(open(os.path.join(bundle_dir, "bundle.json")))
         self.cfg = man["denoiser"]["pixel_unet"]
         self.unet = pixel_unet(self.cfg).eval()
         self.unet.load_state_dict(load_file(os.path.join(bundle_dir, man["denoiser"]["weights"])))
+        self.unet.to(self.dev)
         self.clf = SmallResNet(man["classifier"]["resnet"]).eval()
         self.clf.load_state_dict(load_file(os.path.join(bundle_dir, man["classifier"]["weights"])),
                                  strict=False)
+        self.clf.to(self.dev)
         for p in list(self.unet.parameters()) + list(self.clf.parameters()):
             p.requires_grad_(False)
         self.r = recipe
@@ -114,8 +121,8 @@ class Pipeline:
 
     def eps(self, x, t, labels):
         self.nfe["denoiser"] += len(labels)
-        tt = torch.full((len(labels),), t, dtype=torch.long)
-        return self.unet(x, tt, torch.tensor(labels, dtype=torch.long))
+        tt = torch.full((len(labels),), t, dtype=torch.long, device=self.dev)
+        return self.unet(x, tt, torch.tensor(labels, dtype=torch.long, device=self.dev))
 
     def cfg_eps(self, x, t, labels):
         g = len(labels)
@@ -131,7 +138,7 @@ class Pipeline:
         with torch.enable_grad():
             self.nfe["classifier_backward"] += len(labels)
             lp = F.log_softmax(self.clf(u), dim=1)
-            lp.gather(1, torch.tensor(labels).view(-1, 1)).sum().backward()
+            lp.gather(1, torch.tensor(labels, device=self.dev).view(-1, 1)).sum().backward()
         return u.grad * (0.5 * float(self.r["classifier_scale"]))
 
     def invert(self, x0):
@@ -210,12 +217,20 @@ def run(args):
     threads = args.threads or case["threads"]
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    pipe = Pipeline(args.bundle, case["recipe"], args.structure)
+    # PyTorch runs convolutions on NVIDIA GPUs in TF32 (10-bit mantissa) unless told otherwise;
+    # the engine computes in full f32, so the parity columns would measure TF32's error.
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    pipe = Pipeline(args.bundle, case["recipe"], args.structure, args.device)
     images = read_idx(os.path.join(args.data, "fashion-mnist", "t10k-images-idx3-ubyte.gz"))
     x = torch.from_numpy(images[:case["images"]].astype(np.float32) / 255 * 2 - 1).unsqueeze(1)
+    x = x.to(pipe.dev)
     batch = case["batch"]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    try:  # resets the peak RSS; some sandboxes refuse it, and the peak then spans the whole run
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     base = status_kib("VmRSS:")
     t = time.time()
     pipe.score(x[:batch])
@@ -232,7 +247,7 @@ def run(args):
            "reps": len(cpu), "cpu_ms_per_image": median(cpu),
            "wall_ms_per_image": median(wall), "warmup_s": warm,
            "peak_delta_mib": (status_kib("VmHWM:") - base) / 1024, "nfe": nfe,
-           "torch": torch.__version__,
+           "torch": torch.__version__, "device": args.device, "tf32": args.tf32,
            "labels": [l for r in res for l in r[2]], "k_star": [k for r in res for k in r[1]],
            "scores": [s for r in res for s in r[0]]}
     print(json.dumps(out))
@@ -273,14 +288,15 @@ def table(args):
                     and t["structure"] == "batched"), None)
         if ref is None:
             continue
-        ms = o["cpu_ms_per_image"]
+        clock = f"{args.clock}_ms_per_image"
+        ms = o[clock]
         d, kd, ld = agreement(o, ref)
-        bat_ms = f"{bat['cpu_ms_per_image']:.1f}" if bat else "—"
-        bat_x = f"{bat['cpu_ms_per_image'] / ms:.2f}×" if bat else "—"
+        bat_ms = f"{bat[clock]:.1f}" if bat else "—"
+        bat_x = f"{bat[clock] / ms:.2f}×" if bat else "—"
         floor = f"{agreement(bat, ref)[0]:.1e}" if bat else "—"
         lines.append(
-            f"| {o['name']} | {o['threads']} | {ms:.1f} | {ref['cpu_ms_per_image']:.1f} | "
-            f"**{ref['cpu_ms_per_image'] / ms:.2f}×** | {bat_ms} | {bat_x} | {nfe_str(o)} | "
+            f"| {o['name']} | {o['threads']} | {ms:.1f} | {ref[clock]:.1f} | "
+            f"**{ref[clock] / ms:.2f}×** | {bat_ms} | {bat_x} | {nfe_str(o)} | "
             f"{nfe_str(ref)} | {o['peak_delta_mib']:.0f} / {ref['peak_delta_mib']:.0f} | "
             f"{d:.1e}, {kd}, {ld} | {floor} |")
     text = "\n".join(lines) + "\n"
@@ -302,9 +318,14 @@ def main():
     r.add_argument("--reps", type=int, default=0, help="passes (0 = as many as the engine's)")
     r.add_argument("--bundle", default="models/fashion-mnist")
     r.add_argument("--data", default=os.environ.get("DIFFGUARD_DATA") or "data")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    r.add_argument("--tf32", action="store_true",
+                   help="allow TF32 on the GPU (PyTorch's default for convolutions)")
     t = sub.add_parser("table", help="merge engine and torch jsonl into the ratio table")
     t.add_argument("--ours", required=True)
     t.add_argument("--torch", required=True)
+    t.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="which time per image the ratios use (wall on a GPU)")
     t.add_argument("--out")
     args = ap.parse_args()
     return run(args) if args.cmd == "run" else table(args)

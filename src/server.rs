@@ -48,7 +48,8 @@ pub struct RunningServer {
 
 impl RunningServer {
     /// Stops accepting, lets in-flight requests finish (up to the grace period), then stops the
-    /// scoring threads.
+    /// scoring threads and delivers the webhook reports still queued (each step up to the grace
+    /// period).
     pub async fn shutdown(self) {
         self.shutdown.cancel();
         let drain = futures_util::future::join_all(self.tasks);
@@ -63,6 +64,10 @@ impl RunningServer {
         let stop = tokio::task::spawn_blocking(move || guard.shutdown());
         if tokio::time::timeout(self.grace, stop).await.is_err() {
             tracing::warn!("scoring threads still busy at shutdown; not waiting for them");
+        }
+        // Last: the scoring threads may have queued reports for late OOD verdicts.
+        if let Some(webhook) = self.guard.webhook() {
+            webhook.shutdown(self.grace).await;
         }
     }
 

@@ -82,6 +82,13 @@ fn bad_values_name_their_key() {
             ),
             "webhook.timeout_ms",
         ),
+        (
+            format!(
+                "[webhook]\nurl = \"http://h\"\nsecret = \"short\"\n{}",
+                route("")
+            ),
+            "webhook.secret",
+        ),
         ("[server]\n".to_string(), "routes"),
         (route("").replace("\"/p\"", "\"/diffguard/x\""), "reserved"),
     ];
@@ -108,6 +115,8 @@ fn cli_env_overrides_and_redaction() {
             "redis://:hunter2@cache.internal:6380/1",
         )
         .env("DIFFGUARD_SERVER__MAX_PIXELS", "1234")
+        .env("DIFFGUARD_WEBHOOK__URL", "https://hooks.example/ood")
+        .env("DIFFGUARD_WEBHOOK__SECRET", "whsec-correct-horse-battery")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -121,6 +130,8 @@ fn cli_env_overrides_and_redaction() {
         "{stdout}"
     );
     assert!(!stdout.contains("hunter2"));
+    assert!(stdout.contains("\"secret\":\"***\""), "{stdout}");
+    assert!(!stdout.contains("correct-horse"), "{stdout}");
     assert!(stdout.contains("\"max_pixels\":1234"), "{stdout}");
 
     let out = bin()

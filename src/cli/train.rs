@@ -145,8 +145,8 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
 
 fn print_report(r: &TrainReport, out: &std::path::Path) {
     println!(
-        "{}: {} parameters, step {}/{} (stopped by {}), {:.0} s in total",
-        r.model, r.parameters, r.step, r.total_steps, r.stopped_by, r.wall_secs
+        "{}: {} parameters, step {}/{} (stopped by {}), {:.0} s in total on {}",
+        r.model, r.parameters, r.step, r.total_steps, r.stopped_by, r.wall_secs, r.device
     );
     if let Some(acc) = r.test_accuracy {
         println!("test accuracy {:.2} % (EMA weights)", 100.0 * acc);

@@ -287,6 +287,36 @@ pub struct WebhookConfig {
     pub retries: u32,
     /// Reports waiting for delivery; beyond it new ones are dropped and counted.
     pub queue_capacity: usize,
+    /// Shared secret (at least 16 characters). When set, every delivery carries
+    /// `diffguard-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`, so the
+    /// receiver can check who sent it and how fresh it is. Best given as
+    /// `DIFFGUARD_WEBHOOK__SECRET` rather than in a file.
+    pub secret: Option<Secret>,
+}
+
+/// A configured secret: usable through [`Secret::expose`], printed as `***` everywhere else
+/// (`Debug`, and `Serialize` for `diffguard config` output).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the code that signs with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
 }
 
 impl Default for WebhookConfig {
@@ -296,6 +326,7 @@ impl Default for WebhookConfig {
             timeout_ms: 2_000,
             retries: 2,
             queue_capacity: 1_024,
+            secret: None,
         }
     }
 }

@@ -58,6 +58,14 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     positive("webhook.timeout_ms", c.webhook.timeout_ms)?;
     positive("webhook.queue_capacity", c.webhook.queue_capacity as u64)?;
+    if let Some(secret) = &c.webhook.secret
+        && secret.expose().chars().count() < MIN_SECRET_CHARS
+    {
+        return Err(invalid(
+            "webhook.secret",
+            format!("must be at least {MIN_SECRET_CHARS} characters"),
+        ));
+    }
     if c.routes.is_empty() {
         return Err(invalid("routes", "at least one route is needed"));
     }
@@ -125,6 +133,9 @@ fn validate_upstream(url: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Shortest webhook secret accepted: 16 characters of a random token carry ≥ 64 bits.
+const MIN_SECRET_CHARS: usize = 16;
 
 fn validate_webhook(url: &str) -> Result<(), String> {
     http_url(

@@ -6,7 +6,7 @@
 //!
 //! `cargo run --release -p diffguard-engine --example bench_pipeline --
 //!     [--bundle DIR] [--images 64] [--batch 32] [--reps 3] [--threads 1]
-//!     [--variants recipe,aes,clean-grad,aes+clean-grad] [--jsonl PATH]`
+//!     [--variants recipe,aes,clean-grad,aes+clean-grad] [--jsonl PATH] [--device cpu|cuda:N]`
 //!
 //! The images are the first `--images` of the Fashion-MNIST test split (`$DIFFGUARD_DATA`, see
 //! `scripts/fetch-data.sh`), scored against the labels the classifier predicts, `--batch` at a
@@ -14,6 +14,10 @@
 //! (rayon's pool size is fixed at first use, and the peak-RSS reading must not see memory an
 //! earlier case left behind). Per case: one warm-up batch, then `--reps` timed passes over all
 //! images; reported are the medians of process CPU time and wall time per image.
+//!
+//! `--device cuda` (a `--features cuda` build) runs the detector on the GPU; wall time is then the
+//! figure that counts (scores come back to the host at the end of every batch, which waits for
+//! the GPU), and the JSONL scores can be held against a CPU run of the same images.
 
 #[path = "bench_common/child.rs"]
 mod child;
@@ -27,11 +31,11 @@ mod rss;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use child::{append_line, run_child};
 use cli::{flag_value, median};
 use clock::cpu_ns;
-use diffguard_engine::bundle::Bundle;
+use diffguard_engine::bundle::{Bundle, device_from_name};
 use diffguard_engine::data::{FashionSplit, PixelRange, data_dir, fashion_mnist};
 use diffguard_engine::eval::variants::variant;
 use diffguard_engine::pipeline::{DiffGuard, ImageResult};
@@ -83,12 +87,13 @@ fn child(args: &[String], variant_id: &str, threads: &str) -> Res<String> {
     let images: usize = arg(args, "--images", "64").parse()?;
     let batch: usize = arg(args, "--batch", "32").parse()?;
     let reps: usize = arg(args, "--reps", "3").parse::<usize>()?.max(1);
-    let bundle = Bundle::open_uncalibrated(&bundle_dir, &Device::Cpu)?;
+    let device = device_from_name(arg(args, "--device", "cpu"))?;
+    let bundle = Bundle::open_uncalibrated(&bundle_dir, &device)?;
     let (recipe, name) = combined_variant(&bundle.manifest.recipe, variant_id)?;
     let det = bundle.detector.with_recipe(recipe.clone())?;
     let test = fashion_mnist(&data_dir().join("fashion-mnist"), FashionSplit::Test)?;
     let idx: Vec<usize> = (0..images.min(test.len())).collect();
-    let x = test.batch_tensor(&idx, PixelRange::MinusOneOne, &Device::Cpu)?;
+    let x = test.batch_tensor(&idx, PixelRange::MinusOneOne, &device)?;
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe {
         libc::malloc_trim(0);
@@ -116,6 +121,7 @@ fn child(args: &[String], variant_id: &str, threads: &str) -> Res<String> {
         "variant": variant_id,
         "name": name,
         "threads": threads.parse::<usize>()?,
+        "device": arg(args, "--device", "cpu"),
         "images": idx.len(),
         "batch": batch,
         "reps": reps,
@@ -151,8 +157,9 @@ fn main() -> Res<()> {
     let threads = arg(&args, "--threads", "1");
     let jsonl = flag_value(&args, "--jsonl");
     println!(
-        "DiffGuard pipeline, f32 CPU, engine. ms/img = median over passes of process CPU (wall) \
-         time per image; nfe = network rows per image (denoiser / classifier fwd / bwd)"
+        "DiffGuard pipeline, f32 on {}, engine. ms/img = median over passes of process CPU (wall) \
+         time per image; nfe = network rows per image (denoiser / classifier fwd / bwd)",
+        arg(&args, "--device", "cpu")
     );
     println!(
         "| variant | thr | images | batch | cpu ms/img | wall ms/img | img/s (cpu) | nfe | peak MiB |"

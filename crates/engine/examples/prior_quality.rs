@@ -6,7 +6,8 @@
 //! ```text
 //! cargo run --release -p diffguard-engine --example prior_quality -- \
 //!     [--bundle models/fashion-mnist] [--per-class 20] [--steps 25] [--scale 3] \
-//!     [--recon 200] [--depths 12,19] [--grid models/fashion-mnist/samples.png] [--seed 0]
+//!     [--recon 200] [--depths 12,19] [--grid models/fashion-mnist/samples.png] [--seed 0] \
+//!     [--device cpu|cuda:N]
 //! ```
 
 // Shared with the train_* examples; this one needs only the flag parsing.
@@ -16,8 +17,8 @@ mod args;
 
 use std::path::PathBuf;
 
-use candle_core::{D, Device, Tensor};
-use diffguard_engine::bundle::Bundle;
+use candle_core::{D, Tensor};
+use diffguard_engine::bundle::{Bundle, device_from_name};
 use diffguard_engine::data::{FashionSplit, PixelRange, fashion_mnist};
 use diffguard_engine::eval::quality::{mse_psnr, reconstruct, sample};
 use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
@@ -41,7 +42,8 @@ fn err(e: impl std::fmt::Display) -> String {
 fn run() -> Res<()> {
     let flags = args::Flags::parse()?;
     let dir: PathBuf = flags.get("bundle", PathBuf::from("models/fashion-mnist"))?;
-    let bundle = Bundle::open_uncalibrated(&dir, &Device::Cpu).map_err(err)?;
+    let device = device_from_name(&flags.get("device", String::from("cpu"))?).map_err(err)?;
+    let bundle = Bundle::open_uncalibrated(&dir, &device).map_err(err)?;
     let Recipe::PixelCfg(recipe) = &bundle.manifest.recipe else {
         return Err(
             "prior_quality measures pixel-cfg bundles (a class-conditional pixel prior)".into(),
@@ -77,7 +79,7 @@ fn sample_accuracy(flags: &args::Flags, bundle: &Bundle, sched: &SpacedSchedule)
             chw,
             scale,
             seed + c as u64,
-            &Device::Cpu,
+            &bundle.device,
         )
         .map_err(err)?;
         let x01 = ((x + 1.0).map_err(err)? / 2.0).map_err(err)?;
@@ -166,7 +168,7 @@ fn reconstruction(flags: &args::Flags, bundle: &Bundle, recipe: &PixelCfgRecipe)
         .and_then(|d| d.stratified(n, 0))
         .map_err(err)?;
     let x0 = test
-        .to_tensor(PixelRange::MinusOneOne, &Device::Cpu)
+        .to_tensor(PixelRange::MinusOneOne, &bundle.device)
         .map_err(err)?;
     println!(
         "\n(b) DDIM-{} inversion + reconstruction, {} test images (unconditional, no guidance)",

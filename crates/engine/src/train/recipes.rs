@@ -54,6 +54,8 @@ pub struct TrainReport {
     /// Summed over all resumed runs.
     pub wall_secs: f64,
     pub threads: usize,
+    /// `cpu` or `cuda:N`: the device of the run that wrote this report.
+    pub device: String,
     pub loss_log: Vec<LossPoint>,
     /// Fraction of the official 10k test images classified correctly by the exported (EMA)
     /// weights (classifier only).
@@ -110,6 +112,15 @@ pub fn training_device() -> Result<Device> {
     #[cfg(not(feature = "cuda"))]
     {
         Ok(Device::Cpu)
+    }
+}
+
+/// A device as `cpu` or `cuda:N`, the names `--device` and the detector settings take.
+pub fn device_label(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
     }
 }
 
@@ -233,6 +244,7 @@ fn report<O: Objective>(
         stopped_by: format!("{stop:?}"),
         wall_secs: state.elapsed_secs,
         threads: candle_core::utils::get_num_threads(),
+        device: device_label(trainer.device()),
         loss_log: state.loss_log.clone(),
         test_accuracy: accuracy[0],
         test_accuracy_raw: accuracy[1],

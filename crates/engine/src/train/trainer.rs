@@ -181,6 +181,11 @@ impl<O: Objective> Trainer<O> {
         self.state.step
     }
 
+    /// Where the parameters live and the steps run.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn config(&self) -> &TrainConfig {
         &self.config
     }
