@@ -13,14 +13,6 @@ struct RedisProc {
     child: Child,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl RedisProc {
     fn start_on(port: u16) -> Option<Self> {
         Self::spawn(port, &[])

@@ -229,6 +229,16 @@ impl GuardBuilder {
     }
 }
 
+/// A loopback port free a moment ago, for servers that cannot report the port they bound
+/// (child processes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
