@@ -129,9 +129,16 @@ impl Webhook {
         );
         headers.insert("diffguard-event", HeaderValue::from_static("ood"));
         telemetry::inject_current(&mut headers);
-        if self.queue.try_send(Delivery { body, headers }).is_err() {
-            tracing::warn!(id = %report.id, "webhook queue full; OOD report dropped");
-            delivered("dropped");
+        match self.queue.try_send(Delivery { body, headers }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(id = %report.id, "webhook queue full; OOD report dropped");
+                delivered("dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::warn!(id = %report.id, "webhook closed by shutdown; OOD report dropped");
+                delivered("dropped");
+            }
         }
     }
 }
