@@ -129,16 +129,13 @@ impl Webhook {
         );
         headers.insert("diffguard-event", HeaderValue::from_static("ood"));
         telemetry::inject_current(&mut headers);
-        match self.queue.try_send(Delivery { body, headers }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(id = %report.id, "webhook queue full; OOD report dropped");
-                delivered("dropped");
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::warn!(id = %report.id, "webhook closed by shutdown; OOD report dropped");
-                delivered("dropped");
-            }
+        if let Err(e) = self.queue.try_send(Delivery { body, headers }) {
+            let why = match e {
+                mpsc::error::TrySendError::Full(_) => "queue full",
+                mpsc::error::TrySendError::Closed(_) => "closed by shutdown",
+            };
+            tracing::warn!(id = %report.id, "webhook {why}; OOD report dropped");
+            delivered("dropped");
         }
     }
 }

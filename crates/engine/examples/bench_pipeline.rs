@@ -87,7 +87,8 @@ fn child(args: &[String], variant_id: &str, threads: &str) -> Res<String> {
     let images: usize = arg(args, "--images", "64").parse()?;
     let batch: usize = arg(args, "--batch", "32").parse()?;
     let reps: usize = arg(args, "--reps", "3").parse::<usize>()?.max(1);
-    let device = device_from_name(arg(args, "--device", "cpu"))?;
+    let device_name = arg(args, "--device", "cpu");
+    let device = device_from_name(device_name)?;
     let bundle = Bundle::open_uncalibrated(&bundle_dir, &device)?;
     let (recipe, name) = combined_variant(&bundle.manifest.recipe, variant_id)?;
     let det = bundle.detector.with_recipe(recipe.clone())?;
@@ -121,7 +122,7 @@ fn child(args: &[String], variant_id: &str, threads: &str) -> Res<String> {
         "variant": variant_id,
         "name": name,
         "threads": threads.parse::<usize>()?,
-        "device": arg(args, "--device", "cpu"),
+        "device": device_name,
         "images": idx.len(),
         "batch": batch,
         "reps": reps,

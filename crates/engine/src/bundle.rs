@@ -340,6 +340,15 @@ pub fn device_from_name(name: &str) -> Result<Device> {
     Ok(Device::new_cuda(ordinal)?)
 }
 
+/// The name [`device_from_name`] takes for `device`: `cpu`, `cuda:N` (or `metal:N`).
+pub fn device_label(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+    }
+}
+
 /// blake3 of a file's bytes, hex.
 pub fn hash_file(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|source| EngineError::Io {

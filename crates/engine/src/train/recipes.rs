@@ -115,15 +115,6 @@ pub fn training_device() -> Result<Device> {
     }
 }
 
-/// A device as `cpu` or `cuda:N`, the names `--device` and the detector settings take.
-pub fn device_label(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-    }
-}
-
 fn run_options(args: &RecipeArgs) -> RunOptions {
     RunOptions {
         budget: args.budget,
@@ -244,7 +235,7 @@ fn report<O: Objective>(
         stopped_by: format!("{stop:?}"),
         wall_secs: state.elapsed_secs,
         threads: candle_core::utils::get_num_threads(),
-        device: device_label(trainer.device()),
+        device: crate::bundle::device_label(trainer.device()),
         loss_log: state.loss_log.clone(),
         test_accuracy: accuracy[0],
         test_accuracy_raw: accuracy[1],
