@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod otlp;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::io::Cursor;
