@@ -1,4 +1,4 @@
-//! `diffguard train classifier|diffusion`: the engine's training recipes on Fashion-MNIST as a
+//! `diffguard train classifier|diffusion|autoencoder`: the engine's training recipes on Fashion-MNIST as a
 //! user command (deterministic for a seed, resumable: kill it and rerun the same command, time
 //! budget, progress bar). The same recipes back the `train_*` examples of the engine crate.
 
@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use diffguard_engine::models::pixel_unet::PixelUNetConfig;
+use diffguard_engine::models::vq::VqConfig;
 use diffguard_engine::train::recipes::{
-    RecipeArgs, TrainReport, default_fashion_dir, fashion_resnet, train_classifier, train_diffusion,
+    RecipeArgs, TrainReport, default_fashion_dir, fashion_resnet, train_autoencoder,
+    train_classifier, train_diffusion, train_latent_diffusion,
 };
 
 /// Which model to train.
@@ -25,17 +27,37 @@ pub enum TrainCommand {
         #[arg(long, value_delimiter = ',', default_values_t = [2, 2, 2])]
         layers: Vec<usize>,
     },
-    /// The class-conditional pixel DDPM prior (ε-MSE, 10% label dropout to the null label, EMA).
+    /// The class-conditional DDPM prior (ε-MSE, 10% label dropout to the null label, EMA): in
+    /// pixel space, or with `--latent` on an autoencoder's latents.
     Diffusion {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Train the latent prior on the latents of this autoencoder (a `train autoencoder`
+        /// output folder) instead of the pixel prior.
+        #[arg(long)]
+        latent: Option<PathBuf>,
+        /// Channels of the first level [pixel: 32, latent: 64].
+        #[arg(long)]
+        channels: Option<usize>,
+        /// Res blocks per level [1].
+        #[arg(long)]
+        res_blocks: Option<usize>,
+        /// Channel multiplier per level, comma-separated [pixel: 1,2,2, latent: 1].
+        #[arg(long, value_delimiter = ',')]
+        mult: Option<Vec<usize>>,
+    },
+    /// The continuous f=4 autoencoder of the latent prior (28×28 → 7×7×3; MSE + a small latent
+    /// penalty, EMA); sets its latent scale factor and reports the test reconstruction PSNR.
+    Autoencoder {
         #[command(flatten)]
         common: CommonArgs,
         /// Channels of the first level.
         #[arg(long, default_value_t = 32)]
         channels: usize,
-        /// Res blocks per level.
+        /// ResBlocks per level (the decoder runs one more).
         #[arg(long, default_value_t = 1)]
         res_blocks: usize,
-        /// Channel multiplier per level (comma-separated).
+        /// Channel multiplier per level, comma-separated (two halvings: f=4).
         #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 2])]
         mult: Vec<usize>,
     },
@@ -124,19 +146,45 @@ pub fn run(cmd: TrainCommand) -> anyhow::Result<()> {
         }
         TrainCommand::Diffusion {
             common,
+            latent,
             channels,
             res_blocks,
             mult,
         } => {
             let args = common.recipe(40_000, 64, 2e-4)?;
+            let base = match latent {
+                Some(_) => PixelUNetConfig::fashion_mnist_latent(),
+                None => PixelUNetConfig {
+                    num_res_blocks: 1,
+                    ..PixelUNetConfig::fashion_mnist()
+                },
+            };
+            let channels = channels.unwrap_or(base.model_channels);
             let unet = PixelUNetConfig {
                 model_channels: channels,
-                num_res_blocks: res_blocks,
-                channel_mult: mult,
+                num_res_blocks: res_blocks.unwrap_or(base.num_res_blocks),
+                channel_mult: mult.unwrap_or_else(|| base.channel_mult.clone()),
                 num_head_channels: channels.min(32),
-                ..PixelUNetConfig::fashion_mnist()
+                ..base
             };
-            (train_diffusion(&args, &unet)?, args.out)
+            let report = match latent {
+                Some(ae) => train_latent_diffusion(&args, &ae, &unet)?,
+                None => train_diffusion(&args, &unet)?,
+            };
+            (report, args.out)
+        }
+        TrainCommand::Autoencoder {
+            common,
+            channels,
+            res_blocks,
+            mult,
+        } => {
+            let args = common.recipe(3_000, 32, 1e-3)?;
+            let mut vq = VqConfig::fashion_mnist();
+            vq.ddconfig.ch = channels;
+            vq.ddconfig.num_res_blocks = res_blocks;
+            vq.ddconfig.ch_mult = mult;
+            (train_autoencoder(&args, &vq)?, args.out)
         }
     };
     print_report(&report, &out);
@@ -150,6 +198,9 @@ fn print_report(r: &TrainReport, out: &std::path::Path) {
     );
     if let Some(acc) = r.test_accuracy {
         println!("test accuracy {:.2} % (EMA weights)", 100.0 * acc);
+    }
+    if let Some(psnr) = r.test_recon_psnr {
+        println!("test reconstruction {psnr:.2} dB PSNR (EMA weights)");
     }
     println!(
         "weights: {}  (copy into a bundle folder and run `diffguard calibrate --install`)",

@@ -3,6 +3,10 @@
 //! class; (b) reconstruction error of unconditional DDIM inversion + sampling on held-out test
 //! images, at the recipe's inversion depth and deeper; (c) a sample grid PNG (one row per class).
 //!
+//! A latent bundle (`ldm` recipe + autoencoder) samples and inverts in latent space, without x̂0
+//! clipping, and decodes; (b) then also prints the autoencoder's own reconstruction, the floor
+//! the prior cannot beat.
+//!
 //! ```text
 //! cargo run --release -p diffguard-engine --example prior_quality -- \
 //!     [--bundle models/fashion-mnist] [--per-class 20] [--steps 25] [--scale 3] \
@@ -21,10 +25,10 @@ use candle_core::{D, Tensor};
 use diffguard_engine::bundle::{Bundle, device_from_name};
 use diffguard_engine::data::{FashionSplit, PixelRange, fashion_mnist};
 use diffguard_engine::eval::quality::{mse_psnr, reconstruct, sample};
-use diffguard_engine::recipe::{PixelCfgRecipe, Recipe};
+use diffguard_engine::recipe::Recipe;
 use diffguard_engine::schedule::SpacedSchedule;
 use diffguard_engine::train::recipes::default_fashion_dir;
-use diffguard_engine::{Classifier, LabelId};
+use diffguard_engine::{Autoencoder, Classifier, LabelId};
 
 type Res<T> = Result<T, String>;
 
@@ -44,23 +48,91 @@ fn run() -> Res<()> {
     let dir: PathBuf = flags.get("bundle", PathBuf::from("models/fashion-mnist"))?;
     let device = device_from_name(&flags.get("device", String::from("cpu"))?).map_err(err)?;
     let bundle = Bundle::open_uncalibrated(&dir, &device).map_err(err)?;
-    let Recipe::PixelCfg(recipe) = &bundle.manifest.recipe else {
-        return Err(
-            "prior_quality measures pixel-cfg bundles (a class-conditional pixel prior)".into(),
-        );
-    };
+    let prior = Prior::of(&bundle)?;
     let steps = flags.get("steps", 25usize)?;
-    let sched =
-        SpacedSchedule::gdm(recipe.beta_schedule, recipe.diffusion_steps, steps).map_err(err)?;
+    let sched = prior.schedule(steps)?;
     println!("bundle {} · DDIM-{steps}", dir.display());
-    sample_accuracy(&flags, &bundle, &sched)?;
-    reconstruction(&flags, &bundle, recipe)?;
+    sample_accuracy(&flags, &bundle, &prior, &sched)?;
+    reconstruction(&flags, &bundle, &prior)?;
     Ok(())
+}
+
+/// What the measurements need from the bundle's recipe: the schedule, the recipe's own DDIM
+/// length and inversion depth, and whether the prior lives in pixel or latent space.
+struct Prior<'a> {
+    beta: diffguard_engine::schedule::BetaSchedule,
+    diffusion_steps: usize,
+    ddim_steps: usize,
+    /// Spaced steps the recipe inverts.
+    depth: usize,
+    latent: Option<&'a dyn Autoencoder>,
+}
+
+impl<'a> Prior<'a> {
+    fn of(bundle: &'a Bundle) -> Res<Self> {
+        match (&bundle.manifest.recipe, &bundle.autoencoder) {
+            (Recipe::PixelCfg(r), None) => Ok(Self {
+                beta: r.beta_schedule,
+                diffusion_steps: r.diffusion_steps,
+                ddim_steps: r.ddim_steps,
+                depth: r.ddim_steps - r.early_stop_steps,
+                latent: None,
+            }),
+            (Recipe::Ldm(r), Some(ae)) => Ok(Self {
+                beta: r.beta_schedule,
+                diffusion_steps: r.diffusion_steps,
+                ddim_steps: r.ddim_steps,
+                depth: r.ddim_steps - 1,
+                latent: Some(ae.as_ref()),
+            }),
+            _ => Err(
+                "prior_quality measures the project's own bundles: pixel-cfg (pixel prior) \
+                      or ldm with an autoencoder (latent prior)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// The DDIM schedule at `steps`: the pixel recipe's respacing, or LDM's "uniform + 1".
+    fn schedule(&self, steps: usize) -> Res<SpacedSchedule> {
+        let s = match self.latent {
+            None => SpacedSchedule::gdm(self.beta, self.diffusion_steps, steps),
+            Some(_) => SpacedSchedule::ldm(self.beta, self.diffusion_steps, steps),
+        };
+        s.map_err(err)
+    }
+
+    fn clip(&self) -> bool {
+        self.latent.is_none()
+    }
+
+    fn encode(&self, x: &Tensor) -> Res<Tensor> {
+        match self.latent {
+            None => Ok(x.clone()),
+            Some(ae) => ae.encode(x).map_err(err),
+        }
+    }
+
+    /// Back to images in [-1, 1].
+    fn decode(&self, z: Tensor) -> Res<Tensor> {
+        match self.latent {
+            None => Ok(z),
+            Some(ae) => ae
+                .decode(&z)
+                .and_then(|x| Ok(x.clamp(-1f32, 1f32)?))
+                .map_err(err),
+        }
+    }
 }
 
 /// Samples `per-class` images of every class, classifies them, prints per-class accuracy and
 /// optionally writes the grid.
-fn sample_accuracy(flags: &args::Flags, bundle: &Bundle, sched: &SpacedSchedule) -> Res<()> {
+fn sample_accuracy(
+    flags: &args::Flags,
+    bundle: &Bundle,
+    prior: &Prior,
+    sched: &SpacedSchedule,
+) -> Res<()> {
     let per_class = flags.get("per-class", 20usize)?;
     let scale = flags.get("scale", 3.0f64)?;
     let seed = flags.get("seed", 0u64)?;
@@ -79,9 +151,11 @@ fn sample_accuracy(flags: &args::Flags, bundle: &Bundle, sched: &SpacedSchedule)
             chw,
             scale,
             seed + c as u64,
+            prior.clip(),
             &bundle.device,
         )
         .map_err(err)?;
+        let x = prior.decode(x)?;
         let x01 = ((x + 1.0).map_err(err)? / 2.0).map_err(err)?;
         let pred: Vec<u32> = bundle
             .classifier
@@ -152,18 +226,12 @@ fn write_grid(rows: &[Tensor], cols: usize, path: &std::path::Path) -> Res<()> {
 
 /// Inversion + reconstruction on a stratified subset of the test split, at several depths of the
 /// bundle recipe's own schedule.
-fn reconstruction(flags: &args::Flags, bundle: &Bundle, recipe: &PixelCfgRecipe) -> Res<()> {
+fn reconstruction(flags: &args::Flags, bundle: &Bundle, prior: &Prior) -> Res<()> {
     let n = flags.get("recon", 200usize)?;
-    let sched = SpacedSchedule::gdm(
-        recipe.beta_schedule,
-        recipe.diffusion_steps,
-        recipe.ddim_steps,
-    )
-    .map_err(err)?;
-    // The recipe inverts at most ddim_steps − early_stop_steps steps; the deepest level shows the
-    // prior's own faithfulness.
-    let deepest = recipe.ddim_steps - recipe.early_stop_steps;
-    let depths = flags.list("depths", &[deepest, recipe.ddim_steps - 1])?;
+    let sched = prior.schedule(prior.ddim_steps)?;
+    // The recipe's own inversion depth, and for the pixel prior the deepest level too, which shows
+    // the prior's own faithfulness.
+    let depths = flags.list("depths", &[prior.depth, prior.ddim_steps - 1])?;
     let test = fashion_mnist(&default_fashion_dir(), FashionSplit::Test)
         .and_then(|d| d.stratified(n, 0))
         .map_err(err)?;
@@ -172,30 +240,42 @@ fn reconstruction(flags: &args::Flags, bundle: &Bundle, recipe: &PixelCfgRecipe)
         .map_err(err)?;
     println!(
         "\n(b) DDIM-{} inversion + reconstruction, {} test images (unconditional, no guidance)",
-        recipe.ddim_steps,
+        prior.ddim_steps,
         test.len()
     );
+    if prior.latent.is_some() {
+        let r = prior.decode(prior.encode(&x0)?)?;
+        let errs = mse_psnr(&r, &x0).map_err(err)?;
+        print_errors("autoencoder only", "-", &errs);
+    }
     println!(
         "| depth (steps) | timestep | MSE [-1,1] mean | PSNR mean | PSNR median |\n|---|---|---|---|---|"
     );
-    for depth in depths {
+    for depth in depths.into_iter().filter(|&d| d < sched.len()) {
         let mut errs = Vec::with_capacity(test.len());
         for start in (0..test.len()).step_by(50) {
             let len = 50.min(test.len() - start);
             let x = x0.narrow(0, start, len).map_err(err)?;
-            let r = reconstruct(bundle.denoiser.as_ref(), &sched, &x, depth).map_err(err)?;
-            errs.extend(mse_psnr(&r, &x).map_err(err)?);
+            let z = prior.encode(&x)?;
+            let r = reconstruct(bundle.denoiser.as_ref(), &sched, &z, depth, prior.clip())
+                .map_err(err)?;
+            errs.extend(mse_psnr(&prior.decode(r)?, &x).map_err(err)?);
         }
-        let mean = |f: fn(&(f64, f64)) -> f64| errs.iter().map(f).sum::<f64>() / errs.len() as f64;
-        let mut psnr: Vec<f64> = errs.iter().map(|e| e.1).collect();
-        psnr.sort_by(f64::total_cmp);
-        println!(
-            "| {depth} | {} | {:.5} | {:.2} dB | {:.2} dB |",
-            sched.timestep(depth).map_err(err)?,
-            mean(|e| e.0),
-            mean(|e| e.1),
-            psnr[psnr.len() / 2]
-        );
+        let t = sched.timestep(depth).map_err(err)?;
+        print_errors(&depth.to_string(), &t.to_string(), &errs);
     }
     Ok(())
+}
+
+/// One table row: mean MSE, mean and median PSNR.
+fn print_errors(depth: &str, timestep: &str, errs: &[(f64, f64)]) {
+    let mean = |f: fn(&(f64, f64)) -> f64| errs.iter().map(f).sum::<f64>() / errs.len() as f64;
+    let mut psnr: Vec<f64> = errs.iter().map(|e| e.1).collect();
+    psnr.sort_by(f64::total_cmp);
+    println!(
+        "| {depth} | {timestep} | {:.5} | {:.2} dB | {:.2} dB |",
+        mean(|e| e.0),
+        mean(|e| e.1),
+        psnr[psnr.len() / 2]
+    );
 }

@@ -33,21 +33,8 @@ fn run() -> Result<(), String> {
         let steps = flags.get("profile-steps", 5u64)?;
         let timings =
             profile_classifier(&args, &net, &batches, steps).map_err(|e| e.to_string())?;
-        println!(
-            "ResNet widths {:?} layers {:?}, {} threads",
-            net.widths,
-            net.layers,
-            candle_core::utils::get_num_threads()
-        );
-        for t in timings {
-            println!(
-                "batch {:4}: {:.3} s/step wall, {:.1} images/s, {:.3} CPU-s/step",
-                t.batch,
-                t.secs_per_step,
-                t.images_per_sec,
-                t.cpu_secs_per_step.unwrap_or(f64::NAN)
-            );
-        }
+        let title = format!("ResNet widths {:?} layers {:?}", net.widths, net.layers);
+        args::print_timings(&title, &timings);
         return Ok(());
     }
     let report = train_classifier(&args, &net).map_err(|e| e.to_string())?;

@@ -9,6 +9,9 @@
 //!   diffusion.safetensors  the class-conditional pixel DDPM (EMA weights)
 //!   thresholds.json        from `diffguard calibrate`, stamped with the detector fingerprint
 //! ```
+//!
+//! A latent bundle adds an `autoencoder` entry (the project's continuous f=4 autoencoder) and runs
+//! the `ldm` recipe: its denoiser is the same class-conditional UNet on the autoencoder's latents.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use crate::eval::calibrate::ThresholdsFile;
 use crate::models::load::{Checkpoint, LoadOptions};
 use crate::models::pixel_unet::{PixelUNet, PixelUNetConfig};
 use crate::models::resnet::{ResNet, ResNetConfig};
+use crate::models::vq::{VqConfig, VqModel};
 use crate::ops::resize::bilinear_resize;
 use crate::pipeline::{DiffGuard, ImageResult, Models};
 use crate::recipe::{Recipe, fingerprint};
@@ -38,6 +42,9 @@ pub struct Manifest {
     pub labels: Vec<String>,
     pub classifier: ClassifierEntry,
     pub denoiser: DenoiserEntry,
+    /// The first stage of a latent bundle; absent for a pixel prior.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoencoder: Option<AutoencoderEntry>,
     pub recipe: Recipe,
     /// Thresholds file relative to the bundle; absent until calibrated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,6 +63,13 @@ pub struct ClassifierEntry {
 pub struct DenoiserEntry {
     pub weights: String,
     pub pixel_unet: PixelUNetConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoencoderEntry {
+    pub weights: String,
+    pub vq: VqConfig,
 }
 
 impl Manifest {
@@ -117,6 +131,7 @@ impl Manifest {
                     num_classes: 10,
                 },
             },
+            autoencoder: None,
             recipe: Recipe::PixelCfg(crate::recipe::PixelCfgRecipe {
                 ddim_steps,
                 early_stop_steps,
@@ -124,6 +139,27 @@ impl Manifest {
             }),
             thresholds: None,
         }
+    }
+}
+
+impl Manifest {
+    /// [`Self::tiny`] as a latent bundle: the project's f=4 autoencoder layout (28 → 7×7×3) and a
+    /// one-level latent UNet, run by the `ldm` recipe with `ddim_steps` DDIM steps (linear β, no
+    /// DSG mask, logits-L1 against the input).
+    pub fn tiny_latent(ddim_steps: usize) -> Self {
+        let mut m = Self::tiny(ddim_steps, 0);
+        m.name = "tiny-latent".into();
+        m.denoiser.pixel_unet = PixelUNetConfig {
+            model_channels: 32,
+            num_res_blocks: 1,
+            ..PixelUNetConfig::fashion_mnist_latent()
+        };
+        m.autoencoder = Some(AutoencoderEntry {
+            weights: "autoencoder.safetensors".into(),
+            vq: VqConfig::fashion_mnist(),
+        });
+        m.recipe = Recipe::Ldm(crate::recipe::LdmRecipe::own_latent(ddim_steps, 28));
+        m
     }
 }
 
@@ -135,8 +171,12 @@ pub struct Bundle {
     pub classifier: Arc<ResNet>,
     /// The diffusion prior (also inside `detector`), for measuring it on its own.
     pub denoiser: Arc<PixelUNet>,
+    /// The latent bundle's first stage (also inside `detector`).
+    pub autoencoder: Option<Arc<VqModel>>,
     /// Recipe + weight hashes: what a thresholds file must be stamped with.
     pub fingerprint: String,
+    /// blake3 of each network's weights file, by role.
+    weight_hashes: Vec<(&'static str, String)>,
     pub thresholds: Option<ThresholdsFile>,
     /// Where the models run.
     pub device: Device,
@@ -174,13 +214,22 @@ impl Bundle {
             Checkpoint::open(&denoiser_path)?
                 .load(&opts, |vb| PixelUNet::new(vb, unet_config.clone()))?,
         );
-        let fingerprint = fingerprint(
-            &manifest.recipe,
-            &[
-                ("classifier", &hash_file(&classifier_path)?),
-                ("denoiser", &hash_file(&denoiser_path)?),
-            ],
-        )?;
+        let mut hashes = vec![
+            ("classifier", hash_file(&classifier_path)?),
+            ("denoiser", hash_file(&denoiser_path)?),
+        ];
+        let autoencoder = match &manifest.autoencoder {
+            Some(entry) => {
+                check_latent_shape(dir, &entry.vq, &manifest.denoiser.pixel_unet)?;
+                let path = dir.join(&entry.weights);
+                let vq = Checkpoint::open(&path)?
+                    .load(&opts, |vb| VqModel::new(vb, entry.vq.clone()))?;
+                hashes.push(("autoencoder", hash_file(&path)?));
+                Some(Arc::new(vq))
+            }
+            None => None,
+        };
+        let fingerprint = fingerprint_of(&manifest.recipe, &hashes)?;
         let thresholds = match &manifest.thresholds {
             Some(file) if with_thresholds => {
                 Some(ThresholdsFile::load(&dir.join(file), &fingerprint)?)
@@ -190,7 +239,9 @@ impl Bundle {
         let models = Models {
             denoiser: denoiser.clone(),
             classifier: classifier.clone(),
-            autoencoder: None,
+            autoencoder: autoencoder
+                .clone()
+                .map(|a| a as Arc<dyn crate::Autoencoder>),
             dists: None,
         };
         let detector = DiffGuard::new(manifest.recipe.clone(), models)?;
@@ -200,11 +251,41 @@ impl Bundle {
             detector,
             classifier,
             denoiser,
+            autoencoder,
             fingerprint,
+            weight_hashes: hashes,
             thresholds,
             device: device.clone(),
         })
     }
+}
+
+impl Bundle {
+    /// The fingerprint of `recipe` run on this bundle's networks (evaluation variants).
+    pub fn fingerprint_for(&self, recipe: &Recipe) -> Result<String> {
+        fingerprint_of(recipe, &self.weight_hashes)
+    }
+}
+
+fn fingerprint_of(recipe: &Recipe, hashes: &[(&'static str, String)]) -> Result<String> {
+    let named: Vec<(&str, &str)> = hashes.iter().map(|(k, h)| (*k, h.as_str())).collect();
+    fingerprint(recipe, &named)
+}
+
+/// The latent UNet must take the autoencoder's latents: embed_dim channels at resolution / f.
+fn check_latent_shape(dir: &Path, vq: &VqConfig, unet: &PixelUNetConfig) -> Result<()> {
+    let dd = &vq.ddconfig;
+    let side = dd.resolution >> dd.ch_mult.len().saturating_sub(1);
+    if (vq.embed_dim, side) != (unet.in_channels, unet.image_size) {
+        return Err(EngineError::Config(format!(
+            "{}: the autoencoder makes {}×{side}² latents but the denoiser takes {}×{}²",
+            dir.join(MANIFEST).display(),
+            vq.embed_dim,
+            unet.in_channels,
+            unet.image_size
+        )));
+    }
+    Ok(())
 }
 
 /// The bundle's classifier alone, f32 on `device` (e.g. to serve it as a model), with the path of
@@ -299,7 +380,7 @@ impl Bundle {
             )));
         }
         let want_c = self.manifest.classifier.resnet.in_channels;
-        let size = self.manifest.denoiser.pixel_unet.image_size;
+        let size = self.manifest.recipe.input_size();
         let device = &self.device;
         let hwc = Tensor::from_vec(im.pixels.to_vec(), (h, w, c), device)?.to_dtype(DType::F32)?;
         let chw = hwc.permute((2, 0, 1))?.contiguous()?;
@@ -380,5 +461,13 @@ pub fn write_untrained(dir: &Path, manifest: &Manifest, seed: u64) -> Result<()>
         manifest.denoiser.pixel_unet.clone(),
     )?;
     vars.save(dir.join(&manifest.denoiser.weights))?;
+    if let Some(entry) = &manifest.autoencoder {
+        let vars = VarMap::new();
+        VqModel::new(
+            seeded_var_builder(&vars, seed, DType::F32, &device),
+            entry.vq.clone(),
+        )?;
+        vars.save(dir.join(&entry.weights))?;
+    }
     manifest.write(dir)
 }

@@ -106,3 +106,65 @@ fn manifest_that_does_not_match_the_weights_is_a_named_error() {
     assert!(err.contains("9 labels"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A latent bundle (autoencoder + latent UNet, `ldm` recipe) loads, scores real images in latent
+/// space with the LDM recipe's evaluation count, and its fingerprint covers the autoencoder.
+#[test]
+fn latent_bundle_scores_in_latent_space() {
+    let steps = 4;
+    let a = scratch("latent-a");
+    write_untrained(&a, &Manifest::tiny_latent(steps), 7).unwrap();
+    let bundle = Bundle::open(&a, &Device::Cpu).unwrap();
+    assert!(bundle.autoencoder.is_some());
+
+    let fashion = data_dir().join("fashion-mnist");
+    if fashion.exists() {
+        let test = fashion_mnist(&fashion, FashionSplit::Test).unwrap();
+        let x = test
+            .batch_tensor(&[0, 1], PixelRange::MinusOneOne, &Device::Cpu)
+            .unwrap();
+        for r in bundle.detector.score(&x, None).unwrap() {
+            assert!(r.score.is_finite() && r.score <= 0.0, "score {}", r.score);
+            assert_eq!(r.synthesis.dims(), &[1, 28, 28]);
+            assert_eq!(r.latent.dims(), &[3, 7, 7]);
+            // Null-label inversion: 1 row per step; CFG sampling: 2 rows per step; encode +
+            // decode; the input's and the synthesis' logits.
+            assert_eq!(r.nfe.denoiser, 3 * steps);
+            assert_eq!(r.nfe.autoencoder, 2);
+            assert_eq!(r.nfe.classifier_forward, 2);
+        }
+    } else {
+        eprintln!(
+            "SKIPPED latent scoring: no Fashion-MNIST under {}",
+            fashion.display()
+        );
+    }
+
+    // Only the autoencoder's weights differ: another detector.
+    let b = scratch("latent-b");
+    write_untrained(&b, &Manifest::tiny_latent(steps), 8).unwrap();
+    std::fs::copy(
+        a.join("classifier.safetensors"),
+        b.join("classifier.safetensors"),
+    )
+    .unwrap();
+    std::fs::copy(
+        a.join("diffusion.safetensors"),
+        b.join("diffusion.safetensors"),
+    )
+    .unwrap();
+    assert_ne!(
+        bundle.fingerprint,
+        Bundle::open(&b, &Device::Cpu).unwrap().fingerprint
+    );
+
+    // A denoiser that does not take the autoencoder's latents is refused at load, by name.
+    let mut m = Manifest::tiny_latent(steps);
+    m.denoiser.pixel_unet.in_channels = 4;
+    write_untrained(&b, &m, 7).unwrap();
+    let err = Bundle::open(&b, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("3×7²") && err.contains("4×7²"), "{err}");
+    for d in [a, b] {
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

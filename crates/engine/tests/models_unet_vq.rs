@@ -27,7 +27,7 @@ fn encode_quantize_decode_match_golden() {
     assert_close("prequant", &pre, &c["prequant"], REL_TOL);
 
     // Smallest golden margin between best and second code is 1.0e-4, far above f32 error here.
-    let (quant, idx) = vq.quantizer().quantize(&pre).unwrap();
+    let (quant, idx) = vq.quantizer().unwrap().quantize(&pre).unwrap();
     assert_eq!(ints(&idx), ints(&c["indices"]), "code indices");
     // quant is z + (e − z) in the reference: within 1 ulp of the codebook row (7.5e-9 observed).
     assert_close("quant", &quant, &c["quant"], 1e-6);
@@ -59,4 +59,44 @@ fn batch_equals_per_item() {
         &Tensor::cat(&items, 0).unwrap(),
         BATCH_TOL,
     );
+}
+
+/// The project's continuous autoencoder: no codebook (decode takes the latent as it is), and the
+/// scale factor multiplies on the way in and divides on the way out.
+#[test]
+fn continuous_autoencoder_applies_its_scale_factor_both_ways() {
+    use candle_core::Device;
+    use candle_nn::VarMap;
+    use diffguard_engine::train::seeded_var_builder;
+
+    let dev = Device::Cpu;
+    let vars = VarMap::new();
+    let mut cfg = VqConfig::fashion_mnist();
+    let plain = VqModel::new(seeded_var_builder(&vars, 1, DType::F32, &dev), cfg.clone()).unwrap();
+    assert!(plain.quantizer().is_none());
+    cfg.scale_factor = 2.5;
+    let scaled = VqModel::new(seeded_var_builder(&vars, 1, DType::F32, &dev), cfg.clone()).unwrap();
+    let x = Tensor::rand(-1f32, 1f32, (2, 1, 28, 28), &dev).unwrap();
+    let z = plain.encode(&x).unwrap();
+    assert_eq!(z.dims(), &[2, 3, 7, 7]);
+    let zs = scaled.encode(&x).unwrap();
+    let max = |t: Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    // Same weights (same seed and names): exact up to the f32 multiply.
+    assert!(max((&zs - (&z * 2.5).unwrap()).unwrap()) < 1e-6);
+    let d = (plain.decode(&z).unwrap() - scaled.decode(&zs).unwrap()).unwrap();
+    assert!(max(d) < 1e-5);
+    assert_eq!(plain.decode(&z).unwrap().dims(), &[2, 1, 28, 28]);
+
+    cfg.scale_factor = 0.0;
+    let err = VqModel::new(seeded_var_builder(&vars, 1, DType::F32, &dev), cfg).unwrap_err();
+    assert!(err.to_string().contains("scale_factor"), "{err}");
 }

@@ -89,3 +89,17 @@ impl Flags {
         })
     }
 }
+
+/// Prints `--profile` step timings under a title line naming the model and the thread count.
+pub fn print_timings(title: &str, timings: &[diffguard_engine::train::recipes::StepTiming]) {
+    println!("{title}, {} threads", candle_core::utils::get_num_threads());
+    for t in timings {
+        println!(
+            "batch {:4}: {:.3} s/step wall, {:.1} images/s, {:.3} CPU-s/step",
+            t.batch,
+            t.secs_per_step,
+            t.images_per_sec,
+            t.cpu_secs_per_step.unwrap_or(f64::NAN)
+        );
+    }
+}

@@ -47,7 +47,9 @@ fn guided_eps(
     cfg_eps(&eps.narrow(0, b, b)?, &eps.narrow(0, 0, b)?, scale, None)
 }
 
-/// Class-conditional samples in [-1, 1], shape (labels, C, H, W), from seeded noise.
+/// Class-conditional samples, shape (labels, C, H, W), from seeded noise. `clip` clamps x̂0 to
+/// [-1, 1] at every step (pixel priors); a latent prior's samples are unbounded.
+#[allow(clippy::too_many_arguments)]
 pub fn sample(
     den: &dyn Denoiser,
     sched: &SpacedSchedule,
@@ -55,25 +57,28 @@ pub fn sample(
     chw: [usize; 3],
     scale: f64,
     seed: u64,
+    clip: bool,
     device: &Device,
 ) -> Result<Tensor> {
     let mut x = seeded_noise(&[labels.len(), chw[0], chw[1], chw[2]], seed, device)?;
     for j in (0..sched.len()).rev() {
         let eps = guided_eps(den, &x, sched.timestep(j)?, labels, scale)?;
         let (a, prev) = (one(sched.alpha_bar(j)?), one(sched.alpha_bar_prev(j)?));
-        x = guided_sample_step(&x, &eps, None, &a, &prev, true)?;
+        x = guided_sample_step(&x, &eps, None, &a, &prev, clip)?;
     }
     Ok(x)
 }
 
 /// Inverts `x0` (in [-1, 1], taken as the spaced level 0 like the pipeline's inversion)
 /// unconditionally for `depth` spaced steps, then samples back to level 0 without guidance;
-/// returns the reconstruction in [-1, 1]. `depth` ≤ len − 1: the last level is pure noise.
+/// returns the reconstruction. `depth` ≤ len − 1: the last level is pure noise. `clip` as in
+/// [`sample`] (the first inversion step never clips, like the pipeline's).
 pub fn reconstruct(
     den: &dyn Denoiser,
     sched: &SpacedSchedule,
     x0: &Tensor,
     depth: usize,
+    clip: bool,
 ) -> Result<Tensor> {
     if depth == 0 || depth >= sched.len() {
         return Err(EngineError::InvalidInput(format!(
@@ -86,12 +91,12 @@ pub fn reconstruct(
     for j in 0..depth {
         let eps = den.eps(&x, &vec![sched.timestep(j)?; b], None)?;
         let (a, next) = (one(sched.alpha_bar(j)?), one(sched.alpha_bar_next(j)?));
-        x = gdm_invert_step(&x, &eps, &a, &next, j > 0)?;
+        x = gdm_invert_step(&x, &eps, &a, &next, clip && j > 0)?;
     }
     for j in (1..=depth).rev() {
         let eps = den.eps(&x, &vec![sched.timestep(j)?; b], None)?;
         let (a, prev) = (one(sched.alpha_bar(j)?), one(sched.alpha_bar_prev(j)?));
-        x = guided_sample_step(&x, &eps, None, &a, &prev, true)?;
+        x = guided_sample_step(&x, &eps, None, &a, &prev, clip)?;
     }
     Ok(x)
 }
@@ -144,17 +149,23 @@ mod tests {
         let (den, sched) = setup();
         let dev = Device::Cpu;
         let labels = [LabelId(0), LabelId(1)];
-        let s = sample(&den, &sched, &labels, [1, 4, 4], 3.0, 1, &dev).unwrap();
+        let s = sample(&den, &sched, &labels, [1, 4, 4], 3.0, 1, true, &dev).unwrap();
         let want = Tensor::full(0.25f32, (2, 1, 4, 4), &dev).unwrap();
         let err = mse_psnr(&s, &want).unwrap();
         // Exact in real arithmetic; f32 rounding over 20 steps stays far below 1e-8.
         assert!(err.iter().all(|(m, _)| *m < 1e-8), "{err:?}");
-        for depth in [1, 8, 19] {
-            let r = reconstruct(&den, &sched, &want, depth).unwrap();
-            let err = mse_psnr(&r, &want).unwrap();
-            assert!(err.iter().all(|(m, _)| *m < 1e-8), "depth {depth}: {err:?}");
+        // The unclipped (latent) path must be exact too: the constant is inside [-1, 1], so clipping
+        // never acts and both paths compute the same DDIM.
+        for clip in [true, false] {
+            for depth in [1, 8, 19] {
+                let r = reconstruct(&den, &sched, &want, depth, clip).unwrap();
+                let err = mse_psnr(&r, &want).unwrap();
+                assert!(err.iter().all(|(m, _)| *m < 1e-8), "depth {depth}: {err:?}");
+            }
         }
-        assert!(reconstruct(&den, &sched, &want, 20).is_err());
+        let s = sample(&den, &sched, &labels, [1, 4, 4], 3.0, 1, false, &dev).unwrap();
+        assert!(mse_psnr(&s, &want).unwrap().iter().all(|(m, _)| *m < 1e-8));
+        assert!(reconstruct(&den, &sched, &want, 20, true).is_err());
     }
 
     #[test]

@@ -20,14 +20,13 @@ use super::combine::{Cascade, DEFAULT_CASCADE_QUANTILES, threshold_envelope};
 use super::metrics::{OodMetrics, ood_metrics, roc_curve};
 use super::table::ResultsTable;
 use super::variants::{Variant, variants};
-use crate::bundle::{Bundle, hash_file};
+use crate::bundle::Bundle;
 use crate::data::{
     ColorMode, Dataset, FashionSplit, FolderOptions, PixelRange, animal_mnist, fashion_mnist,
     image_folder, mnist, stratified_subset,
 };
 use crate::model::Classifier;
 use crate::pipeline::{DiffGuard, ImageResult};
-use crate::recipe::fingerprint;
 use crate::{EngineError, LabelId, Result};
 
 /// The in-distribution test set's name in tables and the cache.
@@ -260,20 +259,9 @@ pub struct ScoredDetector {
 
 /// The variant's detector and fingerprint on the bundle's networks.
 pub fn detector_for(bundle: &Bundle, v: &Variant) -> Result<ScoredDetector> {
-    let hashes = [
-        (
-            "classifier",
-            hash_file(&bundle.dir.join(&bundle.manifest.classifier.weights))?,
-        ),
-        (
-            "denoiser",
-            hash_file(&bundle.dir.join(&bundle.manifest.denoiser.weights))?,
-        ),
-    ];
-    let refs: Vec<(&str, &str)> = hashes.iter().map(|(r, h)| (*r, h.as_str())).collect();
     Ok(ScoredDetector {
         detector: bundle.detector.with_recipe(v.recipe.clone())?,
-        fingerprint: fingerprint(&v.recipe, &refs)?,
+        fingerprint: bundle.fingerprint_for(&v.recipe)?,
         device: bundle.device.clone(),
     })
 }
@@ -514,7 +502,7 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
 /// Runs the whole evaluation. `cache_path` holds the per-image DiffGuard scores (resumable).
 pub fn evaluate(bundle: &Bundle, cfg: &EvalConfig, cache_path: &Path) -> Result<EvalResults> {
     let channels = bundle.manifest.classifier.resnet.in_channels;
-    let size = bundle.manifest.denoiser.pixel_unet.image_size;
+    let size = bundle.manifest.recipe.input_size();
     let sets = load_test_sets(cfg, channels, size)?;
     let fashion = cfg.data_dir.join("fashion-mnist");
     let val_full = to_channels(fashion_mnist(&fashion, FashionSplit::Validation)?, channels)?;

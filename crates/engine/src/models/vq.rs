@@ -5,6 +5,11 @@
 //!
 //! As an [`Autoencoder`]: `encode` stops before quantisation (DiffGuard's LDM inversion starts
 //! from `encode_first_stage`), `decode` quantises first (`decode_first_stage`) and does not clamp.
+//!
+//! The same network without a codebook (`n_embed = 0`) is the project's own continuous f=4
+//! autoencoder for 28×28 images ([`VqConfig::fashion_mnist`]): LDM's first stage in miniature, with
+//! LatentDiffusion's `scale_factor` applied on the way in and out so that the latents the
+//! diffusion model sees have unit variance.
 
 use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
@@ -31,11 +36,19 @@ pub struct DdConfig {
 }
 
 /// `first_stage_config.params` of a VQ first stage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VqConfig {
     pub embed_dim: usize,
+    /// Codebook rows; 0 = no codebook (a continuous autoencoder: `decode` uses the latent as is).
     pub n_embed: usize,
     pub ddconfig: DdConfig,
+    /// LatentDiffusion's `scale_factor`: the diffusion model sees `scale_factor · encode(x)`.
+    #[serde(default = "unit_scale")]
+    pub scale_factor: f64,
+}
+
+fn unit_scale() -> f64 {
+    1.0
 }
 
 impl VqConfig {
@@ -55,6 +68,7 @@ impl VqConfig {
                 num_res_blocks: 2,
                 attn_resolutions: vec![],
             },
+            scale_factor: 1.0,
         }
     }
 
@@ -74,6 +88,30 @@ impl VqConfig {
                 num_res_blocks: 1,
                 attn_resolutions: vec![],
             },
+            scale_factor: 1.0,
+        }
+    }
+
+    /// The project's own continuous autoencoder for 28×28 grey images: f=4 (28 → 14 → 7), 3 latent
+    /// channels, widths 32/64/64 with one ResBlock per level (two in the decoder), attention only in
+    /// the 7×7 middle block; no codebook. `scale_factor` is set from the training latents' standard
+    /// deviation when training ends.
+    pub fn fashion_mnist() -> Self {
+        Self {
+            embed_dim: 3,
+            n_embed: 0,
+            ddconfig: DdConfig {
+                double_z: false,
+                z_channels: 3,
+                resolution: 28,
+                in_channels: 1,
+                out_ch: 1,
+                ch: 32,
+                ch_mult: vec![1, 2, 2],
+                num_res_blocks: 1,
+                attn_resolutions: vec![],
+            },
+            scale_factor: 1.0,
         }
     }
 }
@@ -371,17 +409,24 @@ pub struct VqModel {
     decoder: Decoder,
     quant_conv: Conv2d,
     post_quant_conv: Conv2d,
-    quantize: VectorQuantizer,
+    /// None for a continuous autoencoder (`n_embed = 0`).
+    quantize: Option<VectorQuantizer>,
 }
 
 impl VqModel {
     /// `vb` points at the VQ model (`first_stage_model` in a LatentDiffusion checkpoint).
     pub fn new(vb: VarBuilder, config: VqConfig) -> Result<Self> {
         let dd = &config.ddconfig;
-        if dd.ch_mult.is_empty() || dd.double_z {
+        if dd.ch_mult.is_empty() || dd.double_z || dd.num_res_blocks == 0 {
             return Err(EngineError::Config(
-                "VQ first stage needs ≥1 level and double_z = false".into(),
+                "VQ first stage needs ≥1 level, ≥1 ResBlock per level and double_z = false".into(),
             ));
+        }
+        if !(config.scale_factor.is_finite() && config.scale_factor > 0.0) {
+            return Err(EngineError::Config(format!(
+                "autoencoder scale_factor must be a positive number, got {}",
+                config.scale_factor
+            )));
         }
         let (zc, ed) = (dd.z_channels, config.embed_dim);
         Ok(Self {
@@ -389,7 +434,10 @@ impl VqModel {
             decoder: Decoder::new(vb.pp("decoder"), dd)?,
             quant_conv: conv2d(vb.pp("quant_conv"), zc, ed, 1, 1, 0)?,
             post_quant_conv: conv2d(vb.pp("post_quant_conv"), ed, zc, 1, 1, 0)?,
-            quantize: VectorQuantizer::new(vb.pp("quantize"), config.n_embed, ed)?,
+            quantize: match config.n_embed {
+                0 => None,
+                n => Some(VectorQuantizer::new(vb.pp("quantize"), n, ed)?),
+            },
             config,
         })
     }
@@ -398,8 +446,14 @@ impl VqModel {
         &self.config
     }
 
-    pub fn quantizer(&self) -> &VectorQuantizer {
-        &self.quantize
+    /// The codebook; None for a continuous autoencoder.
+    pub fn quantizer(&self) -> Option<&VectorQuantizer> {
+        self.quantize.as_ref()
+    }
+
+    /// Encoder + `quant_conv`, without the scale factor: what the autoencoder's training loss sees.
+    pub fn encode_unscaled(&self, x: &Tensor) -> Result<Tensor> {
+        apply(&self.quant_conv, &self.encoder.forward(x)?)
     }
 
     /// Decoder applied to already-quantised latents (no codebook lookup).
@@ -410,11 +464,19 @@ impl VqModel {
 
 impl Autoencoder for VqModel {
     fn encode(&self, x: &Tensor) -> Result<Tensor> {
-        apply(&self.quant_conv, &self.encoder.forward(x)?)
+        scaled(self.encode_unscaled(x)?, self.config.scale_factor)
     }
 
     fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let (quant, _) = self.quantize.quantize(z)?;
-        self.decode_quantized(&quant)
+        let z = scaled(z.clone(), 1.0 / self.config.scale_factor)?;
+        match &self.quantize {
+            Some(q) => self.decode_quantized(&q.quantize(&z)?.0),
+            None => self.decode_quantized(&z),
+        }
     }
+}
+
+/// `z · s`, skipping the multiply at 1 so that a VQ checkpoint's path stays bit-identical.
+fn scaled(z: Tensor, s: f64) -> Result<Tensor> {
+    if s == 1.0 { Ok(z) } else { Ok((z * s)?) }
 }

@@ -166,11 +166,7 @@ impl DiffGuard {
     /// classifier is run.
     pub fn score(&self, x: &Tensor, labels: Option<&[LabelId]>) -> Result<Vec<ImageResult>> {
         let (n, _, h, w) = x.dims4()?;
-        let input_size = match &self.recipe {
-            Recipe::Gdm(r) => r.input_size,
-            Recipe::Ldm(r) => r.input_size,
-            Recipe::PixelCfg(r) => r.input_size,
-        };
+        let input_size = self.recipe.input_size();
         if (h, w) != (input_size, input_size) {
             return Err(EngineError::InvalidInput(format!(
                 "images are {h}x{w}, the recipe expects {input_size}x{input_size}"

@@ -58,6 +58,26 @@ impl InMemoryDataset {
         self
     }
 
+    /// The images followed by their left-right mirror images (same labels): a fixed flip
+    /// augmentation for data that is transformed once before training (latents).
+    pub fn with_mirrors(&self) -> Self {
+        let (c, h, w) = self.chw;
+        let mut pixels = self.pixels.clone();
+        pixels.extend(
+            self.pixels
+                .chunks_exact(w)
+                .flat_map(|row| row.iter().rev().copied()),
+        );
+        let mut labels = self.labels.clone();
+        labels.extend_from_slice(&self.labels);
+        debug_assert_eq!(pixels.len(), labels.len() * c * h * w);
+        Self {
+            pixels,
+            labels,
+            chw: self.chw,
+        }
+    }
+
     /// Gathers `indices` into an (B, C, H, W) tensor, augmenting each image with `rng`.
     pub fn batch(
         &self,
@@ -180,6 +200,27 @@ mod tests {
         let next_epoch = order.indices(3).to_vec();
         let mut again = BatchOrder::new(10, 3, 5).unwrap();
         assert_eq!(again.indices(3), next_epoch.as_slice());
+    }
+
+    #[test]
+    fn mirrors_reverse_every_row_of_every_channel() {
+        // 2 images of 2×2×3 holding 0..24; mirrors follow with the same labels.
+        let ds = InMemoryDataset::new((0..24).map(|v| v as f32).collect(), vec![4, 7], (2, 2, 3))
+            .unwrap();
+        let m = ds.with_mirrors();
+        assert_eq!(m.len(), 4);
+        assert_eq!(m.labels(), &[4, 7, 4, 7]);
+        let (x, _) = m
+            .batch(
+                &[2],
+                &Augment::none(),
+                &mut derived(0, Purpose::Step(0)),
+                &Device::Cpu,
+            )
+            .unwrap();
+        let got: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let want = [2., 1., 0., 5., 4., 3., 8., 7., 6., 11., 10., 9.];
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - [`adamw`]: AdamW whose moments can be checkpointed.
 //! - [`ema`]: exponential moving average of the weights.
 //! - [`data`]: in-memory dataset, per-epoch shuffles, augmentation.
-//! - [`objective`]: the ε-prediction diffusion loss and the classifier cross-entropy.
+//! - [`objective`]: the ε-prediction diffusion loss, the autoencoder's reconstruction loss and the
+//!   classifier cross-entropy.
 //! - [`checkpoint`]: safetensors + JSON checkpoints and weight export.
 //! - [`trainer`]: the loop (time budget, progress bar, periodic checkpoints).
 
@@ -30,5 +31,7 @@ pub use adamw::{AdamW, AdamWParams};
 pub use data::{Augment, InMemoryDataset};
 pub use ema::Ema;
 pub use init::seeded_var_builder;
-pub use objective::{ClassifierObjective, DiffusionObjective, LinearBetas, Objective};
+pub use objective::{
+    AutoencoderObjective, ClassifierObjective, DiffusionObjective, LinearBetas, Objective,
+};
 pub use trainer::{LrSchedule, RunOptions, RunSummary, StopReason, TrainConfig, Trainer};

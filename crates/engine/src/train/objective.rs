@@ -129,6 +129,28 @@ impl<F: EpsFn> Objective for DiffusionObjective<F> {
     }
 }
 
+/// Reconstruction loss of an autoencoder: MSE between the input and its reconstruction, plus
+/// `latent_weight` × the latent's mean square. The penalty only keeps the latent from drifting to
+/// an arbitrary scale (LDM's KL-f first stages carry a small KL term for the same reason); the
+/// diffusion model's unit variance comes from the scale factor measured after training.
+///
+/// `forward(x) = (reconstruction, latent)`.
+pub struct AutoencoderObjective<F> {
+    pub latent_weight: f64,
+    pub forward: F,
+}
+
+impl<F> Objective for AutoencoderObjective<F>
+where
+    F: Fn(&Tensor) -> Result<(Tensor, Tensor)>,
+{
+    fn loss(&self, x: &Tensor, _labels: &[LabelId], _rng: &mut StdRng) -> Result<Tensor> {
+        let (recon, z) = (self.forward)(x)?;
+        let rec = candle_nn::loss::mse(&recon, x)?;
+        Ok((rec + (z.sqr()?.mean_all()? * self.latent_weight)?)?)
+    }
+}
+
 /// Cross-entropy for a classifier; `forward` must run the network in training mode
 /// (BatchNorm on batch statistics, updating its running statistics).
 pub struct ClassifierObjective<F> {

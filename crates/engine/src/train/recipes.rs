@@ -1,5 +1,7 @@
-//! The project's two training recipes on Fashion-MNIST, shared by the `train_*` examples and the
-//! `diffguard train` command: the class-conditional pixel DDPM and the small ResNet classifier.
+//! The project's training recipes on Fashion-MNIST, shared by the `train_*` examples and the
+//! `diffguard train` command: the class-conditional pixel DDPM, the small ResNet classifier, and
+//! the latent variant (a continuous f=4 autoencoder, then a class-conditional DDPM on its 7×7×3
+//! latents — the paper's LDM recipe in miniature).
 //!
 //! An output folder holds `checkpoint/` (resumable state), `model.safetensors` (EMA weights under
 //! the model's own parameter names), `config.json` (the architecture) and `train-report.json`
@@ -14,13 +16,16 @@ use serde::Serialize;
 
 use super::checkpoint::{LossPoint, export_weights};
 use super::data::{Augment, InMemoryDataset};
-use super::objective::{ClassifierObjective, DiffusionObjective, LinearBetas, Objective, correct};
+use super::objective::{
+    AutoencoderObjective, ClassifierObjective, DiffusionObjective, LinearBetas, Objective, correct,
+};
 use super::trainer::{LrSchedule, RunOptions, StopReason, TrainConfig, Trainer};
 use super::{AdamWParams, seeded_var_builder};
 use crate::data::{Dataset, FashionSplit, PixelRange, Pixels, fashion_mnist};
 use crate::models::pixel_unet::{PixelUNet, PixelUNetConfig};
 use crate::models::resnet::{ResNet, ResNetConfig};
-use crate::{EngineError, LabelId, Result};
+use crate::models::vq::{VqConfig, VqModel};
+use crate::{Autoencoder, EngineError, LabelId, Result};
 
 /// What every recipe run takes from the command line.
 #[derive(Debug, Clone)]
@@ -62,6 +67,10 @@ pub struct TrainReport {
     pub test_accuracy: Option<f64>,
     /// The same for the raw (non-averaged) weights.
     pub test_accuracy_raw: Option<f64>,
+    /// Mean PSNR (dB, \[0,1\] scale) of the exported weights' reconstructions of the test images
+    /// (autoencoder only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_recon_psnr: Option<f64>,
 }
 
 /// The `fashion-mnist` data folder: `$DIFFGUARD_DATA/fashion-mnist`, else the system package's.
@@ -180,18 +189,18 @@ pub fn diffusion_objective(model: PixelUNet) -> DiffusionObjective<impl super::o
 }
 
 fn diffusion_trainer(
-    args: &RecipeArgs,
+    cfg: TrainConfig,
     unet: &PixelUNetConfig,
     data: InMemoryDataset,
     opts: RunOptions,
 ) -> Result<(Trainer<impl Objective + use<>>, usize)> {
     let device = training_device()?;
     let vm = VarMap::new();
-    let vb = seeded_var_builder(&vm, args.seed, DType::F32, &device);
+    let vb = seeded_var_builder(&vm, cfg.seed, DType::F32, &device);
     let model = PixelUNet::new(vb, unet.clone())?;
     let params = parameter_count(&vm);
     let objective = diffusion_objective(model);
-    let t = Trainer::new(vm, diffusion_config(args), opts, data, objective, device)?;
+    let t = Trainer::new(vm, cfg, opts, data, objective, device)?;
     Ok((t, params))
 }
 
@@ -199,7 +208,8 @@ fn diffusion_trainer(
 pub fn train_diffusion(args: &RecipeArgs, unet: &PixelUNetConfig) -> Result<TrainReport> {
     let data = train_set(args, PixelRange::MinusOneOne)?;
     let n = data.len();
-    let (mut trainer, parameters) = diffusion_trainer(args, unet, data, run_options(args))?;
+    let cfg = diffusion_config(args);
+    let (mut trainer, parameters) = diffusion_trainer(cfg, unet, data, run_options(args))?;
     let summary = trainer.run()?;
     export_weights(&args.out.join("model.safetensors"), trainer.ema_weights())?;
     write_json(&args.out.join("config.json"), unet)?;
@@ -239,6 +249,7 @@ fn report<O: Objective>(
         loss_log: state.loss_log.clone(),
         test_accuracy: accuracy[0],
         test_accuracy_raw: accuracy[1],
+        test_recon_psnr: None,
     }
 }
 
@@ -305,7 +316,13 @@ pub fn profile_diffusion(
             batch: b,
             ..args.clone()
         };
-        Ok(diffusion_trainer(&a, unet, data.clone(), RunOptions::default())?.0)
+        Ok(diffusion_trainer(
+            diffusion_config(&a),
+            unet,
+            data.clone(),
+            RunOptions::default(),
+        )?
+        .0)
     })
 }
 
@@ -428,5 +445,267 @@ pub fn profile_classifier(
             ..args.clone()
         };
         Ok(classifier_trainer(&a, net, data.clone(), RunOptions::default())?.0)
+    })
+}
+
+/// Training settings of the autoencoder: AdamW with warm-up and cosine decay, flips.
+pub fn autoencoder_config(args: &RecipeArgs) -> TrainConfig {
+    TrainConfig {
+        seed: args.seed,
+        batch_size: args.batch,
+        total_steps: args.steps,
+        optimizer: AdamWParams {
+            lr: args.lr,
+            weight_decay: 0.0,
+            max_grad_norm: Some(1.0),
+            ..AdamWParams::default()
+        },
+        lr_schedule: LrSchedule::WarmupCosine {
+            warmup: 200,
+            min_ratio: 0.05,
+        },
+        ema_decay: 0.999,
+        augment: Augment {
+            hflip: true,
+            max_shift: 0,
+            fill: -1.0,
+        },
+        log_every: 50,
+    }
+}
+
+/// Weight of the latent's mean square in the autoencoder loss: small enough that it costs
+/// ≪ 0.1 dB of reconstruction, large enough to pin the latent's scale.
+pub const LATENT_PENALTY: f64 = 1e-4;
+
+fn autoencoder_trainer(
+    args: &RecipeArgs,
+    vq: &VqConfig,
+    data: InMemoryDataset,
+    opts: RunOptions,
+) -> Result<(Trainer<impl Objective + use<>>, usize)> {
+    if vq.n_embed != 0 {
+        return Err(EngineError::Config(
+            "the autoencoder recipe trains continuous autoencoders only (n_embed = 0)".into(),
+        ));
+    }
+    let device = training_device()?;
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, args.seed, DType::F32, &device);
+    let model = VqModel::new(
+        vb,
+        VqConfig {
+            scale_factor: 1.0,
+            ..vq.clone()
+        },
+    )?;
+    let params = parameter_count(&vm);
+    let objective = AutoencoderObjective {
+        latent_weight: LATENT_PENALTY,
+        forward: move |x: &Tensor| {
+            let z = model.encode_unscaled(x)?;
+            Ok((model.decode_quantized(&z)?, z))
+        },
+    };
+    let t = Trainer::new(vm, autoencoder_config(args), opts, data, objective, device)?;
+    Ok((t, params))
+}
+
+/// Images of `ds` pushed through `f` in chunks of 500 on `device`, concatenated on the host.
+fn map_dataset(
+    ds: &InMemoryDataset,
+    device: &Device,
+    mut f: impl FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let all: Vec<usize> = (0..ds.len()).collect();
+    let mut rng = super::rng::derived(0, super::rng::Purpose::Step(0));
+    all.chunks(500)
+        .map(|idx| {
+            let (x, _) = ds.batch(idx, &Augment::none(), &mut rng, device)?;
+            f(&x)
+        })
+        .collect()
+}
+
+/// Loads an autoencoder written by [`train_autoencoder`] (`config.json` + `model.safetensors`).
+pub fn load_autoencoder(dir: &Path, device: &Device) -> Result<VqModel> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let config: VqConfig = serde_json::from_str(&text).map_err(|e| EngineError::Format {
+        path: path.display().to_string(),
+        what: "autoencoder config",
+        detail: e.to_string(),
+    })?;
+    VqModel::new(
+        load_exported(&dir.join("model.safetensors"), device)?,
+        config,
+    )
+}
+
+/// Trains (or resumes) the continuous autoencoder into `args.out`. At the end it sets the
+/// config's `scale_factor` to 1/σ of the training latents (LDM's rule for its KL first stages)
+/// and measures the reconstruction PSNR on the test split.
+pub fn train_autoencoder(args: &RecipeArgs, vq: &VqConfig) -> Result<TrainReport> {
+    let data = train_set(args, PixelRange::MinusOneOne)?;
+    let n = data.len();
+    let (mut trainer, parameters) = autoencoder_trainer(args, vq, data.clone(), run_options(args))?;
+    let summary = trainer.run()?;
+    let weights = args.out.join("model.safetensors");
+    export_weights(&weights, trainer.ema_weights())?;
+    let device = trainer.device().clone();
+    let unscaled = VqConfig {
+        scale_factor: 1.0,
+        ..vq.clone()
+    };
+    let model = VqModel::new(load_exported(&weights, &device)?, unscaled.clone())?;
+    let sample = data.truncate(5_000);
+    let z = Tensor::cat(&map_dataset(&sample, &device, |x| model.encode(x))?, 0)?;
+    let std = z.to_dtype(DType::F64)?.flatten_all()?.var(0)?.sqrt()?;
+    let config = VqConfig {
+        scale_factor: 1.0 / std.to_scalar::<f64>()?,
+        ..unscaled
+    };
+    write_json(&args.out.join("config.json"), &config)?;
+    let test = in_memory(
+        &fashion_mnist(&args.fashion_dir, FashionSplit::Test)?,
+        PixelRange::MinusOneOne,
+    )?
+    .truncate(args.test_limit.unwrap_or(2_000));
+    let mut psnr = Vec::with_capacity(test.len());
+    for chunk in map_dataset(&test, &device, |x| {
+        let r = model.decode(&model.encode(x)?)?.clamp(-1f32, 1f32)?;
+        Ok(Tensor::stack(&[x, &r], 0)?)
+    })? {
+        let errs = crate::eval::quality::mse_psnr(&chunk.get(1)?, &chunk.get(0)?)?;
+        psnr.extend(errs.into_iter().map(|e| e.1));
+    }
+    let mut report = report(
+        "autoencoder",
+        &trainer,
+        parameters,
+        n,
+        summary.stop,
+        [None, None],
+    );
+    report.test_recon_psnr = Some(psnr.iter().sum::<f64>() / psnr.len().max(1) as f64);
+    write_json(&args.out.join("train-report.json"), &report)?;
+    Ok(report)
+}
+
+/// The latent prior's training settings: the pixel DDPM's without random flips. A flipped latent
+/// is not the latent of the flipped image (the encoder's down-sampling pads one side only), so the
+/// mirrored images are encoded into the training set instead.
+pub fn latent_diffusion_config(args: &RecipeArgs) -> TrainConfig {
+    TrainConfig {
+        augment: Augment::none(),
+        ..diffusion_config(args)
+    }
+}
+
+/// The training images and their mirrors, encoded once by the autoencoder in `ae_dir` (scaled
+/// latents, what the latent DDPM models).
+pub fn encoded_train_set(args: &RecipeArgs, ae_dir: &Path) -> Result<InMemoryDataset> {
+    let device = training_device()?;
+    let ae = load_autoencoder(ae_dir, &device)?;
+    let images = train_set(args, PixelRange::MinusOneOne)?.with_mirrors();
+    let z = map_dataset(&images, &device, |x| ae.encode(x))?;
+    let z = Tensor::cat(&z, 0)?;
+    let (_, c, h, w) = z.dims4()?;
+    let values = z.flatten_all()?.to_vec1::<f32>()?;
+    InMemoryDataset::new(values, images.labels().to_vec(), (c, h, w))
+}
+
+/// Trains (or resumes) the class-conditional latent DDPM on the latents of the autoencoder in
+/// `ae_dir` into `args.out`.
+pub fn train_latent_diffusion(
+    args: &RecipeArgs,
+    ae_dir: &Path,
+    unet: &PixelUNetConfig,
+) -> Result<TrainReport> {
+    let data = encoded_train_set(args, ae_dir)?;
+    let (c, h, _) = data.chw();
+    if (unet.in_channels, unet.image_size) != (c, h) {
+        return Err(EngineError::Config(format!(
+            "latent UNet takes {}×{}² inputs but the autoencoder's latents are {c}×{h}²",
+            unet.in_channels, unet.image_size
+        )));
+    }
+    let n = data.len();
+    let cfg = latent_diffusion_config(args);
+    let (mut trainer, parameters) = diffusion_trainer(cfg, unet, data, run_options(args))?;
+    let summary = trainer.run()?;
+    export_weights(&args.out.join("model.safetensors"), trainer.ema_weights())?;
+    write_json(&args.out.join("config.json"), unet)?;
+    let report = report(
+        "latent-ddpm",
+        &trainer,
+        parameters,
+        n,
+        summary.stop,
+        [None, None],
+    );
+    write_json(&args.out.join("train-report.json"), &report)?;
+    Ok(report)
+}
+
+/// Step timings of the autoencoder on (a prefix of) the real training set.
+pub fn profile_autoencoder(
+    args: &RecipeArgs,
+    vq: &VqConfig,
+    batches: &[usize],
+    steps: u64,
+) -> Result<Vec<StepTiming>> {
+    let largest = batches.iter().copied().max().unwrap_or(1);
+    let data = train_set(args, PixelRange::MinusOneOne)?.truncate(largest.max(1) * 2);
+    profile(batches, steps, |b| {
+        let a = RecipeArgs {
+            batch: b,
+            ..args.clone()
+        };
+        Ok(autoencoder_trainer(&a, vq, data.clone(), RunOptions::default())?.0)
+    })
+}
+
+/// Step timings of the latent DDPM. Without an autoencoder the latents are seeded N(0, 1) values
+/// of the UNet's input shape: a step's cost does not depend on the values.
+pub fn profile_latent_diffusion(
+    args: &RecipeArgs,
+    ae_dir: Option<&Path>,
+    unet: &PixelUNetConfig,
+    batches: &[usize],
+    steps: u64,
+) -> Result<Vec<StepTiming>> {
+    let largest = batches.iter().copied().max().unwrap_or(1).max(1) * 2;
+    let data = match ae_dir {
+        Some(dir) => encoded_train_set(
+            &RecipeArgs {
+                train_limit: Some(largest),
+                ..args.clone()
+            },
+            dir,
+        )?,
+        None => {
+            let (c, s) = (unet.in_channels, unet.image_size);
+            let z = crate::eval::quality::seeded_noise(
+                &[largest * c * s * s],
+                args.seed,
+                &Device::Cpu,
+            )?;
+            let labels = (0..largest)
+                .map(|i| (i % unet.num_classes.max(1)) as u32)
+                .collect();
+            InMemoryDataset::new(z.to_vec1()?, labels, (c, s, s))?
+        }
+    };
+    profile(batches, steps, |b| {
+        let a = RecipeArgs {
+            batch: b,
+            ..args.clone()
+        };
+        let cfg = latent_diffusion_config(&a);
+        Ok(diffusion_trainer(cfg, unet, data.clone(), RunOptions::default())?.0)
     })
 }
