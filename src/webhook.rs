@@ -11,7 +11,8 @@
 //! forged reports and, by the timestamp, replayed ones. At shutdown the queue is closed and the
 //! reports already in it are still delivered, within the server's grace period.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::WebhookConfig;
+use crate::config::{MIN_SECRET_CHARS, WebhookConfig};
 use crate::guard::VerdictReport;
 use crate::telemetry::{self, metric};
 
@@ -42,6 +43,9 @@ pub enum WebhookError {
     /// The TLS client could not be built.
     #[error("webhook TLS: {0}")]
     Tls(String),
+    /// `webhook.secret_file` cannot be read or holds too short a secret.
+    #[error("webhook.secret_file `{0}`: {1}")]
+    SecretFile(String, String),
 }
 
 /// The header that carries a delivery's signature.
@@ -52,11 +56,32 @@ pub struct Webhook {
     queue: mpsc::Sender<Delivery>,
     closing: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Set by the delivery task's [`Inbox`] when it ends: reports it left undelivered.
+    undelivered: Arc<AtomicUsize>,
 }
 
 struct Delivery {
     body: Bytes,
     headers: HeaderMap,
+}
+
+/// The delivery task's end of the queue. It is dropped when the task ends or is aborted at
+/// shutdown, and then records how many reports were left undelivered: those still queued, plus
+/// the one being sent.
+struct Inbox {
+    rx: mpsc::Receiver<Delivery>,
+    sending: bool,
+    undelivered: Arc<AtomicUsize>,
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let mut left = usize::from(self.sending);
+        while self.rx.try_recv().is_ok() {
+            left += 1;
+        }
+        self.undelivered.store(left, Ordering::Release);
+    }
 }
 
 impl Webhook {
@@ -81,35 +106,44 @@ impl Webhook {
             uri,
             timeout: Duration::from_millis(cfg.timeout_ms),
             retries: cfg.retries,
-            key: cfg
-                .secret
-                .as_ref()
-                .map(|s| hmac::Key::new(hmac::HMAC_SHA256, s.expose().as_bytes())),
+            key: signing_key(cfg)?,
         };
         let closing = CancellationToken::new();
-        let task = tokio::spawn(sender.run(rx, closing.clone()));
+        let undelivered = Arc::new(AtomicUsize::new(0));
+        let inbox = Inbox {
+            rx,
+            sending: false,
+            undelivered: undelivered.clone(),
+        };
+        let task = tokio::spawn(sender.run(inbox, closing.clone()));
         Ok(Some(Self {
             queue,
             closing,
             task: Mutex::new(Some(task)),
+            undelivered,
         }))
     }
 
     /// Takes no new reports and delivers those already queued, waiting at most `grace`; what is
-    /// still undelivered then is dropped, counted and logged.
-    pub async fn shutdown(&self, grace: Duration) {
+    /// still undelivered then (the queued reports and the one being sent) is dropped, counted,
+    /// logged and returned.
+    pub async fn shutdown(&self, grace: Duration) -> usize {
         self.closing.cancel();
         let task = self.task.lock().ok().and_then(|mut t| t.take());
-        let Some(mut task) = task else { return };
-        if tokio::time::timeout(grace, &mut task).await.is_err() {
-            task.abort();
-            let left = self.queue.max_capacity() - self.queue.capacity();
-            tracing::warn!(
-                undelivered = left,
-                "webhook: shutdown grace period over; undelivered OOD reports dropped"
-            );
-            metrics::counter!(metric::WEBHOOK, "result" => "dropped").increment(left as u64);
+        let Some(mut task) = task else { return 0 };
+        if tokio::time::timeout(grace, &mut task).await.is_ok() {
+            return 0;
         }
+        task.abort();
+        // Once the aborted task is gone, its inbox has counted what it left.
+        let _ = task.await;
+        let left = self.undelivered.load(Ordering::Acquire);
+        tracing::warn!(
+            undelivered = left,
+            "webhook: shutdown grace period over; undelivered OOD reports dropped"
+        );
+        metrics::counter!(metric::WEBHOOK, "result" => "dropped").increment(left as u64);
+        left
     }
 
     /// Queues one report; never waits. Called from the current request's (or late verdict's)
@@ -154,18 +188,20 @@ struct Sender {
 
 impl Sender {
     /// Delivers in order until the queue is closed (at `closing`) and empty.
-    async fn run(self, mut rx: mpsc::Receiver<Delivery>, closing: CancellationToken) {
+    async fn run(self, mut inbox: Inbox, closing: CancellationToken) {
         loop {
             let next = tokio::select! {
-                d = rx.recv() => d,
-                () = closing.cancelled(), if !rx.is_closed() => {
+                d = inbox.rx.recv() => d,
+                () = closing.cancelled(), if !inbox.rx.is_closed() => {
                     // Refuses new reports; `recv` still yields the queued ones, then `None`.
-                    rx.close();
+                    inbox.rx.close();
                     continue;
                 }
             };
             let Some(d) = next else { return };
+            inbox.sending = true;
             let result = self.deliver(&d).await;
+            inbox.sending = false;
             delivered(if result.is_ok() { "ok" } else { "failed" });
             if let Err(e) = result {
                 tracing::warn!(error = %e, url = %self.uri, "webhook delivery failed; report dropped");
@@ -214,6 +250,31 @@ impl Sender {
     }
 }
 
+/// The HMAC key from `webhook.secret` or, read now, from `webhook.secret_file`.
+fn signing_key(cfg: &WebhookConfig) -> Result<Option<hmac::Key>, WebhookError> {
+    let file_secret;
+    let secret = match (&cfg.secret, &cfg.secret_file) {
+        (Some(s), _) => s.expose(),
+        (None, Some(path)) => {
+            let bad = |m: String| WebhookError::SecretFile(path.display().to_string(), m);
+            let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+            file_secret = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text)
+                .to_string();
+            if file_secret.chars().count() < MIN_SECRET_CHARS {
+                return Err(bad(format!(
+                    "the secret must be at least {MIN_SECRET_CHARS} characters"
+                )));
+            }
+            &file_secret
+        }
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes())))
+}
+
 /// `t=<unix>,v1=<hex HMAC-SHA256(key, "<unix>.<body>")>`.
 fn signature(key: &hmac::Key, unix: u64, body: &[u8]) -> HeaderValue {
     let mut ctx = hmac::Context::with_key(key);
@@ -243,5 +304,35 @@ mod tests {
             signature(&key, 12, b"ab"),
             "t=12,v1=11d6a572a281aab60fb5ed4c621bfaf1c0c5c68f5786bbf21dc8ef5bfff0a41d"
         );
+    }
+
+    /// A mounted secret file signs exactly like the same secret given inline (its trailing
+    /// newline is not part of it); a short or missing file is an error naming the file.
+    #[test]
+    fn secret_file_signs_like_the_inline_secret() {
+        let dir = std::env::temp_dir().join(format!("dg-webhook-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "0123456789abcdef-rotated\n").unwrap();
+        let from_file = WebhookConfig {
+            secret_file: Some(file.clone()),
+            ..WebhookConfig::default()
+        };
+        let inline: WebhookConfig =
+            serde_json::from_str(r#"{"secret": "0123456789abcdef-rotated"}"#).unwrap();
+        let sign = |c: &WebhookConfig| signature(&signing_key(c).unwrap().unwrap(), 7, b"{}");
+        assert_eq!(sign(&from_file), sign(&inline));
+        assert!(signing_key(&WebhookConfig::default()).unwrap().is_none());
+
+        std::fs::write(&file, "short\n").unwrap();
+        let err = signing_key(&from_file).err().unwrap().to_string();
+        assert!(
+            err.contains("secret_file") && err.contains("16 characters"),
+            "{err}"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let err = signing_key(&from_file).err().unwrap().to_string();
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

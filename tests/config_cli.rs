@@ -89,6 +89,13 @@ fn bad_values_name_their_key() {
             ),
             "webhook.secret",
         ),
+        (
+            format!(
+                "[webhook]\nurl = \"http://h\"\nsecret = \"0123456789abcdef\"\nsecret_file = \"/run/secrets/hook\"\n{}",
+                route("")
+            ),
+            "webhook.secret_file",
+        ),
         ("[server]\n".to_string(), "routes"),
         (route("").replace("\"/p\"", "\"/diffguard/x\""), "reserved"),
     ];

@@ -96,3 +96,90 @@ fn bad_training_flags_are_named() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+fn run(args: &[&str], out: &Path, fashion: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffguard"))
+        .args(["train"])
+        .args(args)
+        .args([
+            "--no-progress",
+            "--batch",
+            "8",
+            "--limit",
+            "32",
+            "--steps",
+            "2",
+        ])
+        .arg("--out")
+        .arg(out)
+        .arg("--fashion")
+        .arg(fashion)
+        .output()
+        .expect("run diffguard train")
+}
+
+/// The latent route from the command line: an autoencoder, then a latent prior on its latents; a
+/// missing autoencoder folder is an error that names it.
+#[test]
+fn train_autoencoder_then_latent_diffusion() {
+    let Some(fashion) = fashion_dir() else { return };
+    let tmp = std::env::temp_dir().join(format!("diffguard-train-latent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (ae, prior) = (tmp.join("ae"), tmp.join("prior"));
+
+    let out = run(&["autoencoder", "--test-limit", "10"], &ae, &fashion);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("test reconstruction"));
+    let r = report(&ae);
+    assert_eq!(
+        (r["model"].as_str(), r["step"].as_u64()),
+        (Some("autoencoder"), Some(2))
+    );
+    assert!(r["test_recon_psnr"].as_f64().is_some_and(f64::is_finite));
+
+    let latent = ae.to_str().unwrap();
+    let out = run(
+        &["diffusion", "--latent", latent, "--channels", "32"],
+        &prior,
+        &fashion,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&prior);
+    assert_eq!(r["model"].as_str(), Some("latent-ddpm"));
+    assert_eq!(
+        r["train_images"].as_u64(),
+        Some(64),
+        "32 images and their mirrors"
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(prior.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            config["image_size"].as_u64(),
+            config["in_channels"].as_u64()
+        ),
+        (Some(7), Some(3))
+    );
+
+    let missing = tmp.join("no-autoencoder-here");
+    let out = run(
+        &["diffusion", "--latent", missing.to_str().unwrap()],
+        &tmp.join("p2"),
+        &fashion,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-autoencoder-here") && !err.contains("panicked"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&tmp);
+}

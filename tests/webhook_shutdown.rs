@@ -1,5 +1,6 @@
-//! Webhook signatures a receiver can verify, and queued reports delivered at shutdown. Its own
-//! binary: its deliveries must not reach the counters `webhook.rs` asserts on.
+//! Webhook signatures a receiver can verify, queued reports delivered at shutdown, and the ones a
+//! too-short grace period leaves counted. Its own binary: its deliveries must not reach the
+//! counters `webhook.rs` asserts on.
 
 mod common;
 
@@ -77,4 +78,58 @@ async fn signed_reports_verify_and_queued_ones_are_delivered_at_shutdown() {
         tampered.push(b' ');
         assert!(verify(SECRET, sig, &tampered).is_err());
     }
+}
+
+/// Past the grace period the delivery task is stopped, and what it leaves — the report being sent
+/// and those still queued — is counted as dropped, none forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_left_when_the_grace_period_ends_are_all_counted() {
+    use diffguard::config::WebhookConfig;
+    use diffguard::guard::{Verdict, VerdictReport};
+    use diffguard::webhook::Webhook;
+
+    // Each answer takes 10 s: the first report is still being sent when the 300 ms grace ends.
+    let arrived = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = arrived.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                "late"
+            }
+        }),
+    );
+    let hook = Upstream::router(app).await;
+    let cfg = WebhookConfig {
+        url: Some(format!("{}/hook", hook.url())),
+        timeout_ms: 20_000,
+        ..WebhookConfig::default()
+    };
+    let webhook = Webhook::start(&cfg).unwrap().unwrap();
+    for i in 0..3 {
+        webhook.notify(&VerdictReport {
+            id: format!("r{i}"),
+            route: "r".into(),
+            verdict: Verdict::Ood,
+            detector: "test".into(),
+            instances: Vec::new(),
+        });
+    }
+    wait_until("the first report reaches the receiver", || {
+        arrived.load(std::sync::atomic::Ordering::SeqCst) > 0
+    })
+    .await;
+    let started = std::time::Instant::now();
+    assert_eq!(webhook.shutdown(Duration::from_millis(300)).await, 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown waited for the receiver"
+    );
+    assert_eq!(
+        arrived.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "in order: the others never left the queue"
+    );
 }

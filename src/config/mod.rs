@@ -292,7 +292,14 @@ pub struct WebhookConfig {
     /// receiver can check who sent it and how fresh it is. Best given as
     /// `DIFFGUARD_WEBHOOK__SECRET` rather than in a file.
     pub secret: Option<Secret>,
+    /// A file holding the secret instead (a Docker or Kubernetes secret mount; one trailing
+    /// newline is ignored). Read when the guard starts; a restart picks up a rotated secret.
+    /// Exclusive with `secret`.
+    pub secret_file: Option<std::path::PathBuf>,
 }
+
+/// Shortest webhook secret accepted: 16 characters of a random token carry ≥ 64 bits.
+pub const MIN_SECRET_CHARS: usize = 16;
 
 /// A configured secret: usable through [`Secret::expose`], printed as `***` everywhere else
 /// (`Debug`, and `Serialize` for `diffguard config` output).
@@ -327,6 +334,7 @@ impl Default for WebhookConfig {
             retries: 2,
             queue_capacity: 1_024,
             secret: None,
+            secret_file: None,
         }
     }
 }

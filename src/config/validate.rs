@@ -3,7 +3,9 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use super::{Config, ConfigError, RequestAdapterConfig, ResponseAdapterConfig, RouteConfig};
+use super::{
+    Config, ConfigError, MIN_SECRET_CHARS, RequestAdapterConfig, ResponseAdapterConfig, RouteConfig,
+};
 
 fn invalid(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -64,6 +66,12 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(invalid(
             "webhook.secret",
             format!("must be at least {MIN_SECRET_CHARS} characters"),
+        ));
+    }
+    if c.webhook.secret.is_some() && c.webhook.secret_file.is_some() {
+        return Err(invalid(
+            "webhook.secret_file",
+            "set either webhook.secret or webhook.secret_file, not both",
         ));
     }
     if c.routes.is_empty() {
@@ -133,9 +141,6 @@ fn validate_upstream(url: &str) -> Result<(), String> {
     }
     Ok(())
 }
-
-/// Shortest webhook secret accepted: 16 characters of a random token carry ≥ 64 bits.
-const MIN_SECRET_CHARS: usize = 16;
 
 fn validate_webhook(url: &str) -> Result<(), String> {
     http_url(

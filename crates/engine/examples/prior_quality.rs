@@ -243,14 +243,35 @@ fn reconstruction(flags: &args::Flags, bundle: &Bundle, prior: &Prior) -> Res<()
         prior.ddim_steps,
         test.len()
     );
+    println!(
+        "| depth (steps) | timestep | MSE [-1,1] mean | PSNR mean | PSNR median |\n|---|---|---|---|---|"
+    );
     if prior.latent.is_some() {
         let r = prior.decode(prior.encode(&x0)?)?;
         let errs = mse_psnr(&r, &x0).map_err(err)?;
         print_errors("autoencoder only", "-", &errs);
+        // The ceiling of (a): how much the classifier still recognises after the first stage.
+        let acc = |x: &Tensor| -> Res<f64> {
+            let x01 = ((x + 1.0).map_err(err)? / 2.0).map_err(err)?;
+            let logits = bundle.classifier.forward(&x01).map_err(err)?.logits;
+            let pred: Vec<u32> = logits
+                .argmax(D::Minus1)
+                .map_err(err)?
+                .to_vec1()
+                .map_err(err)?;
+            let right = pred
+                .iter()
+                .zip(test.labels())
+                .filter(|(p, l)| **p == l.0)
+                .count();
+            Ok(100.0 * right as f64 / pred.len().max(1) as f64)
+        };
+        println!(
+            "(classifier accuracy on these test images {:.1} %, on their autoencoder reconstructions {:.1} %)",
+            acc(&x0)?,
+            acc(&r)?
+        );
     }
-    println!(
-        "| depth (steps) | timestep | MSE [-1,1] mean | PSNR mean | PSNR median |\n|---|---|---|---|---|"
-    );
     for depth in depths.into_iter().filter(|&d| d < sched.len()) {
         let mut errs = Vec::with_capacity(test.len());
         for start in (0..test.len()).step_by(50) {
