@@ -39,7 +39,7 @@ pub enum TrainCommand {
         /// Channels of the first level [pixel: 32, latent: 64].
         #[arg(long)]
         channels: Option<usize>,
-        /// Res blocks per level [1].
+        /// Res blocks per level [pixel: 1, latent: 2].
         #[arg(long)]
         res_blocks: Option<usize>,
         /// Channel multiplier per level, comma-separated [pixel: 1,2,2, latent: 1].

@@ -33,10 +33,7 @@ use diffguard_engine::{Autoencoder, Classifier, LabelId};
 type Res<T> = Result<T, String>;
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    args::main_with(run);
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -231,7 +228,8 @@ fn reconstruction(flags: &args::Flags, bundle: &Bundle, prior: &Prior) -> Res<()
     let sched = prior.schedule(prior.ddim_steps)?;
     // The recipe's own inversion depth, and for the pixel prior the deepest level too, which shows
     // the prior's own faithfulness.
-    let depths = flags.list("depths", &[prior.depth, prior.ddim_steps - 1])?;
+    let mut depths = flags.list("depths", &[prior.depth, prior.ddim_steps - 1])?;
+    depths.dedup();
     let test = fashion_mnist(&default_fashion_dir(), FashionSplit::Test)
         .and_then(|d| d.stratified(n, 0))
         .map_err(err)?;

@@ -16,10 +16,7 @@ use diffguard_engine::models::vq::VqConfig;
 use diffguard_engine::train::recipes::{profile_autoencoder, train_autoencoder};
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    args::main_with(run);
 }
 
 fn run() -> Result<(), String> {

@@ -15,10 +15,7 @@ mod args;
 use diffguard_engine::train::recipes::{fashion_resnet, profile_classifier, train_classifier};
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    args::main_with(run);
 }
 
 fn run() -> Result<(), String> {

@@ -24,10 +24,7 @@ use diffguard_engine::train::recipes::{
 };
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    args::main_with(run);
 }
 
 fn run() -> Result<(), String> {

@@ -103,3 +103,11 @@ pub fn print_timings(title: &str, timings: &[diffguard_engine::train::recipes::S
         );
     }
 }
+
+/// Runs an example's `run`, printing its error and exiting with status 1 when it fails.
+pub fn main_with(run: fn() -> Result<(), String>) {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

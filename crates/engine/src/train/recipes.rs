@@ -207,20 +207,23 @@ fn diffusion_trainer(
 /// Trains (or resumes) the pixel DDPM into `args.out`.
 pub fn train_diffusion(args: &RecipeArgs, unet: &PixelUNetConfig) -> Result<TrainReport> {
     let data = train_set(args, PixelRange::MinusOneOne)?;
+    run_diffusion("pixel-ddpm", args, diffusion_config(args), unet, data)
+}
+
+/// Trains a denoiser on `data` and writes the output folder (both priors).
+fn run_diffusion(
+    model: &str,
+    args: &RecipeArgs,
+    cfg: TrainConfig,
+    unet: &PixelUNetConfig,
+    data: InMemoryDataset,
+) -> Result<TrainReport> {
     let n = data.len();
-    let cfg = diffusion_config(args);
     let (mut trainer, parameters) = diffusion_trainer(cfg, unet, data, run_options(args))?;
     let summary = trainer.run()?;
     export_weights(&args.out.join("model.safetensors"), trainer.ema_weights())?;
     write_json(&args.out.join("config.json"), unet)?;
-    let report = report(
-        "pixel-ddpm",
-        &trainer,
-        parameters,
-        n,
-        summary.stop,
-        [None, None],
-    );
+    let report = report(model, &trainer, parameters, n, summary.stop, [None, None]);
     write_json(&args.out.join("train-report.json"), &report)?;
     Ok(report)
 }
@@ -274,16 +277,23 @@ fn process_cpu_secs() -> Option<f64> {
     Some(ticks / 100.0)
 }
 
-/// Times `steps` training steps (after one warm-up step) for each batch size.
+/// Times `steps` training steps (after one warm-up step) for each batch size, with trainers
+/// `make` builds on `data` from `args` at that batch size.
 pub fn profile<O: Objective>(
+    args: &RecipeArgs,
+    data: &InMemoryDataset,
     batches: &[usize],
     steps: u64,
-    mut make: impl FnMut(usize) -> Result<Trainer<O>>,
+    mut make: impl FnMut(&RecipeArgs, InMemoryDataset) -> Result<Trainer<O>>,
 ) -> Result<Vec<StepTiming>> {
     batches
         .iter()
         .map(|&b| {
-            let mut t = make(b)?;
+            let a = RecipeArgs {
+                batch: b,
+                ..args.clone()
+            };
+            let mut t = make(&a, data.clone())?;
             t.train_step()?;
             let (start, cpu0) = (Instant::now(), process_cpu_secs());
             for _ in 0..steps {
@@ -302,6 +312,12 @@ pub fn profile<O: Objective>(
         .collect()
 }
 
+/// Enough real training images for two steps of the largest batch.
+fn profile_set(args: &RecipeArgs, range: PixelRange, batches: &[usize]) -> Result<InMemoryDataset> {
+    let largest = batches.iter().copied().max().unwrap_or(1).max(1);
+    Ok(train_set(args, range)?.truncate(largest * 2))
+}
+
 /// Step timings of the pixel DDPM on (a prefix of) the real training set.
 pub fn profile_diffusion(
     args: &RecipeArgs,
@@ -309,20 +325,10 @@ pub fn profile_diffusion(
     batches: &[usize],
     steps: u64,
 ) -> Result<Vec<StepTiming>> {
-    let largest = batches.iter().copied().max().unwrap_or(1);
-    let data = train_set(args, PixelRange::MinusOneOne)?.truncate(largest.max(1) * 2);
-    profile(batches, steps, |b| {
-        let a = RecipeArgs {
-            batch: b,
-            ..args.clone()
-        };
-        Ok(diffusion_trainer(
-            diffusion_config(&a),
-            unet,
-            data.clone(),
-            RunOptions::default(),
-        )?
-        .0)
+    let data = profile_set(args, PixelRange::MinusOneOne, batches)?;
+    profile(args, &data, batches, steps, |a, d| {
+        let opts = RunOptions::default();
+        Ok(diffusion_trainer(diffusion_config(a), unet, d, opts)?.0)
     })
 }
 
@@ -437,40 +443,21 @@ pub fn profile_classifier(
     batches: &[usize],
     steps: u64,
 ) -> Result<Vec<StepTiming>> {
-    let largest = batches.iter().copied().max().unwrap_or(1);
-    let data = train_set(args, PixelRange::ZeroOne)?.truncate(largest.max(1) * 2);
-    profile(batches, steps, |b| {
-        let a = RecipeArgs {
-            batch: b,
-            ..args.clone()
-        };
-        Ok(classifier_trainer(&a, net, data.clone(), RunOptions::default())?.0)
+    let data = profile_set(args, PixelRange::ZeroOne, batches)?;
+    profile(args, &data, batches, steps, |a, d| {
+        Ok(classifier_trainer(a, net, d, RunOptions::default())?.0)
     })
 }
 
-/// Training settings of the autoencoder: AdamW with warm-up and cosine decay, flips.
+/// Training settings of the autoencoder: the pixel DDPM's (AdamW, grad clip, EMA 0.999, flips)
+/// with a cosine decay after the warm-up, since its runs have a fixed length.
 pub fn autoencoder_config(args: &RecipeArgs) -> TrainConfig {
     TrainConfig {
-        seed: args.seed,
-        batch_size: args.batch,
-        total_steps: args.steps,
-        optimizer: AdamWParams {
-            lr: args.lr,
-            weight_decay: 0.0,
-            max_grad_norm: Some(1.0),
-            ..AdamWParams::default()
-        },
         lr_schedule: LrSchedule::WarmupCosine {
             warmup: 200,
             min_ratio: 0.05,
         },
-        ema_decay: 0.999,
-        augment: Augment {
-            hflip: true,
-            max_shift: 0,
-            fill: -1.0,
-        },
-        log_every: 50,
+        ..diffusion_config(args)
     }
 }
 
@@ -633,22 +620,13 @@ pub fn train_latent_diffusion(
             unet.in_channels, unet.image_size
         )));
     }
-    let n = data.len();
-    let cfg = latent_diffusion_config(args);
-    let (mut trainer, parameters) = diffusion_trainer(cfg, unet, data, run_options(args))?;
-    let summary = trainer.run()?;
-    export_weights(&args.out.join("model.safetensors"), trainer.ema_weights())?;
-    write_json(&args.out.join("config.json"), unet)?;
-    let report = report(
+    run_diffusion(
         "latent-ddpm",
-        &trainer,
-        parameters,
-        n,
-        summary.stop,
-        [None, None],
-    );
-    write_json(&args.out.join("train-report.json"), &report)?;
-    Ok(report)
+        args,
+        latent_diffusion_config(args),
+        unet,
+        data,
+    )
 }
 
 /// Step timings of the autoencoder on (a prefix of) the real training set.
@@ -658,14 +636,9 @@ pub fn profile_autoencoder(
     batches: &[usize],
     steps: u64,
 ) -> Result<Vec<StepTiming>> {
-    let largest = batches.iter().copied().max().unwrap_or(1);
-    let data = train_set(args, PixelRange::MinusOneOne)?.truncate(largest.max(1) * 2);
-    profile(batches, steps, |b| {
-        let a = RecipeArgs {
-            batch: b,
-            ..args.clone()
-        };
-        Ok(autoencoder_trainer(&a, vq, data.clone(), RunOptions::default())?.0)
+    let data = profile_set(args, PixelRange::MinusOneOne, batches)?;
+    profile(args, &data, batches, steps, |a, d| {
+        Ok(autoencoder_trainer(a, vq, d, RunOptions::default())?.0)
     })
 }
 
@@ -700,12 +673,8 @@ pub fn profile_latent_diffusion(
             InMemoryDataset::new(z.to_vec1()?, labels, (c, s, s))?
         }
     };
-    profile(batches, steps, |b| {
-        let a = RecipeArgs {
-            batch: b,
-            ..args.clone()
-        };
-        let cfg = latent_diffusion_config(&a);
-        Ok(diffusion_trainer(cfg, unet, data.clone(), RunOptions::default())?.0)
+    profile(args, &data, batches, steps, |a, d| {
+        let opts = RunOptions::default();
+        Ok(diffusion_trainer(latent_diffusion_config(a), unet, d, opts)?.0)
     })
 }
