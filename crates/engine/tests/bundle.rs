@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use diffguard_engine::bundle::{Bundle, Manifest, write_untrained};
 use diffguard_engine::data::{FashionSplit, PixelRange, data_dir, fashion_mnist};
-use diffguard_engine::recipe::Recipe;
+use diffguard_engine::recipe::{LdmRecipe, Recipe};
 
 fn tiny_manifest() -> Manifest {
     // A short trajectory keeps the test fast: 10 DDIM steps, 6 of them inverted.
@@ -111,11 +111,15 @@ fn manifest_that_does_not_match_the_weights_is_a_named_error() {
 /// space with the LDM recipe's evaluation count, and its fingerprint covers the autoencoder.
 #[test]
 fn latent_bundle_scores_in_latent_space() {
-    let steps = 4;
+    let steps = 5;
     let a = scratch("latent-a");
     write_untrained(&a, &Manifest::tiny_latent(steps), 7).unwrap();
     let bundle = Bundle::open(&a, &Device::Cpu).unwrap();
     assert!(bundle.autoencoder.is_some());
+    let Recipe::Ldm(own) = bundle.detector.recipe().clone() else {
+        panic!("the latent bundle runs the ldm recipe")
+    };
+    assert_eq!(own.inversion_steps, Some(3), "3/5 of the levels");
 
     let fashion = data_dir().join("fashion-mnist");
     if fashion.exists() {
@@ -123,15 +127,31 @@ fn latent_bundle_scores_in_latent_space() {
         let x = test
             .batch_tensor(&[0, 1], PixelRange::MinusOneOne, &Device::Cpu)
             .unwrap();
-        for r in bundle.detector.score(&x, None).unwrap() {
-            assert!(r.score.is_finite() && r.score <= 0.0, "score {}", r.score);
-            assert_eq!(r.synthesis.dims(), &[1, 28, 28]);
-            assert_eq!(r.latent.dims(), &[3, 7, 7]);
-            // Null-label inversion: 1 row per step; CFG sampling: 2 rows per step; encode +
-            // decode; the input's and the synthesis' logits.
-            assert_eq!(r.nfe.denoiser, 3 * steps);
-            assert_eq!(r.nfe.autoencoder, 2);
-            assert_eq!(r.nfe.classifier_forward, 2);
+        let full = Recipe::Ldm(LdmRecipe {
+            inversion_steps: None,
+            ..own
+        });
+        // Null-label inversion: 1 row per level; CFG sampling: 2 rows per level; encode + decode;
+        // the input's and the synthesis' logits.
+        for (detector, depth) in [
+            (bundle.detector.with_recipe(full).unwrap(), steps),
+            (
+                bundle
+                    .detector
+                    .with_recipe(bundle.detector.recipe().clone())
+                    .unwrap(),
+                3,
+            ),
+        ] {
+            for r in detector.score(&x, None).unwrap() {
+                assert!(r.score.is_finite() && r.score <= 0.0, "score {}", r.score);
+                assert_eq!(r.synthesis.dims(), &[1, 28, 28]);
+                assert_eq!(r.latent.dims(), &[3, 7, 7]);
+                assert_eq!(r.nfe.denoiser, 3 * depth);
+                assert_eq!(r.nfe.autoencoder, 2);
+                assert_eq!(r.nfe.classifier_forward, 2);
+                assert_eq!(r.start_index, depth - 1);
+            }
         }
     } else {
         eprintln!(

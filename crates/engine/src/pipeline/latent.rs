@@ -50,7 +50,8 @@ impl DiffGuard {
             None
         };
         let null = self.null_label()?;
-        for i in 0..s.len() {
+        let depth = r.inversion_steps.unwrap_or(s.len());
+        for i in 0..depth {
             let t = s.timestep(i)?;
             // CFG between the null label and the inversion's own condition is a no-op when that
             // condition is the null label, so it only costs a second pass for a labelled inversion.
@@ -90,7 +91,7 @@ impl DiffGuard {
             omega: r.denoise_guidance_scale,
             mask: mask.as_ref(),
         };
-        for i in (0..s.len()).rev() {
+        for i in (0..depth).rev() {
             let (eps, rows) = self.sampling_eps(&batch, n, s.timestep(i)?, labels, &mode)?;
             cost.denoiser += rows / n;
             batch = ldm_step(&batch, &eps, &[s.alpha_bar(i)?], &[s.alpha_bar_prev(i)?])?;
@@ -114,7 +115,7 @@ impl DiffGuard {
                     similarities: sims[i],
                     label: labels[i],
                     k_star: None,
-                    start_index: s.len() - 1,
+                    start_index: depth - 1,
                     nfe: nfe[i],
                     synthesis: synth.get(i)?,
                     reference: refs.get(i)?,
