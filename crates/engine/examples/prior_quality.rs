@@ -79,7 +79,11 @@ impl<'a> Prior<'a> {
                 beta: r.beta_schedule,
                 diffusion_steps: r.diffusion_steps,
                 ddim_steps: r.ddim_steps,
-                depth: r.ddim_steps - 1,
+                // The last level is pure noise: a full inversion is measured one level short.
+                depth: r
+                    .inversion_steps
+                    .unwrap_or(r.ddim_steps)
+                    .min(r.ddim_steps - 1),
                 latent: Some(ae.as_ref()),
             }),
             _ => Err(
