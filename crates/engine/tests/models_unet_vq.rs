@@ -5,7 +5,7 @@ mod models_unet_common;
 use candle_core::{DType, Tensor};
 use diffguard_engine::Autoencoder;
 use diffguard_engine::models::vq::{VqConfig, VqModel};
-use models_unet_common::{BATCH_TOL, assert_close, case, golden_dir, ints, weights};
+use models_unet_common::{BATCH_TOL, assert_close, case, golden_dir, ints, max_diff, weights};
 
 // Observed float64-vs-float32 max_rel_to_max: encode 1.9e-6, decode (same codes) 1.4e-6. We allow
 // 10× for summation-order differences: 2e-5 of max|ref|.
@@ -76,15 +76,21 @@ fn continuous_autoencoder_applies_its_scale_factor_both_ways() {
     assert!(plain.quantizer().is_none());
     cfg.scale_factor = 2.5;
     let scaled = VqModel::new(seeded_var_builder(&vars, 1, DType::F32, &dev), cfg.clone()).unwrap();
-    let x = Tensor::rand(-1f32, 1f32, (2, 1, 28, 28), &dev).unwrap();
+    // Seeded, so that the rounding below is the same on every run.
+    let x = (diffguard_engine::eval::quality::seeded_noise(&[2, 1, 28, 28], 5, &dev).unwrap()
+        * 0.5)
+        .unwrap();
     let z = plain.encode(&x).unwrap();
     assert_eq!(z.dims(), &[2, 3, 7, 7]);
     let zs = scaled.encode(&x).unwrap();
-    // Same weights (same seed and names): equal up to the f32 multiply and divide (≈1e-7
-    // relative per value, 1e-6 allowed).
-    assert_close("encode × s", &zs, &(&z * 2.5).unwrap(), 1e-6);
-    let (d_plain, d_scaled) = (plain.decode(&z).unwrap(), scaled.decode(&zs).unwrap());
-    assert_close("decode ÷ s", &d_scaled, &d_plain, 1e-6);
+    // Same weights (same seed and names). Encode differs at most by the one f32 multiply (≤ 1 ulp,
+    // ≈ 5e-7 at |z| ≈ 9): 1e-6 absolute. Decode sees z·s/s, up to 2 ulp off z, and the decoder's
+    // GroupNorms amplify that (3.2e-6 observed on this input, 4.2e-6 on others): 1e-5 absolute.
+    let (d_enc, _) = max_diff(&zs, &(&z * 2.5).unwrap());
+    assert!(d_enc < 1e-6, "encode × s: {d_enc:e}");
+    let (d_dec, _) = max_diff(&scaled.decode(&zs).unwrap(), &plain.decode(&z).unwrap());
+    eprintln!("encode × s max_abs {d_enc:e}, decode ÷ s max_abs {d_dec:e}");
+    assert!(d_dec < 1e-5, "decode ÷ s: {d_dec:e}");
     assert_eq!(plain.decode(&z).unwrap().dims(), &[2, 1, 28, 28]);
 
     cfg.scale_factor = 0.0;
