@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{MIN_SECRET_CHARS, WebhookConfig};
+use crate::config::{WebhookConfig, check_webhook_secret};
 use crate::guard::VerdictReport;
 use crate::telemetry::{self, metric};
 
@@ -263,11 +263,7 @@ fn signing_key(cfg: &WebhookConfig) -> Result<Option<hmac::Key>, WebhookError> {
                 .map(|t| t.strip_suffix('\r').unwrap_or(t))
                 .unwrap_or(&text)
                 .to_string();
-            if file_secret.chars().count() < MIN_SECRET_CHARS {
-                return Err(bad(format!(
-                    "the secret must be at least {MIN_SECRET_CHARS} characters"
-                )));
-            }
+            check_webhook_secret(&file_secret).map_err(|m| bad(format!("the secret {m}")))?;
             &file_secret
         }
         (None, None) => return Ok(None),

@@ -299,7 +299,15 @@ pub struct WebhookConfig {
 }
 
 /// Shortest webhook secret accepted: 16 characters of a random token carry ≥ 64 bits.
-pub const MIN_SECRET_CHARS: usize = 16;
+const MIN_SECRET_CHARS: usize = 16;
+
+/// Whether a webhook secret is long enough, however it was given (inline or from a file).
+pub fn check_webhook_secret(secret: &str) -> Result<(), String> {
+    if secret.chars().count() < MIN_SECRET_CHARS {
+        return Err(format!("must be at least {MIN_SECRET_CHARS} characters"));
+    }
+    Ok(())
+}
 
 /// A configured secret: usable through [`Secret::expose`], printed as `***` everywhere else
 /// (`Debug`, and `Serialize` for `diffguard config` output).

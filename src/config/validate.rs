@@ -3,9 +3,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
-use super::{
-    Config, ConfigError, MIN_SECRET_CHARS, RequestAdapterConfig, ResponseAdapterConfig, RouteConfig,
-};
+use super::{Config, ConfigError, RequestAdapterConfig, ResponseAdapterConfig, RouteConfig};
 
 fn invalid(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -60,13 +58,8 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     positive("webhook.timeout_ms", c.webhook.timeout_ms)?;
     positive("webhook.queue_capacity", c.webhook.queue_capacity as u64)?;
-    if let Some(secret) = &c.webhook.secret
-        && secret.expose().chars().count() < MIN_SECRET_CHARS
-    {
-        return Err(invalid(
-            "webhook.secret",
-            format!("must be at least {MIN_SECRET_CHARS} characters"),
-        ));
+    if let Some(secret) = &c.webhook.secret {
+        super::check_webhook_secret(secret.expose()).map_err(|m| invalid("webhook.secret", m))?;
     }
     if c.webhook.secret.is_some() && c.webhook.secret_file.is_some() {
         return Err(invalid(

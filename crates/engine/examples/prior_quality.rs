@@ -27,6 +27,7 @@ use diffguard_engine::data::{FashionSplit, PixelRange, fashion_mnist};
 use diffguard_engine::eval::quality::{mse_psnr, reconstruct, sample};
 use diffguard_engine::recipe::Recipe;
 use diffguard_engine::schedule::SpacedSchedule;
+use diffguard_engine::similarity::to_unit;
 use diffguard_engine::train::recipes::default_fashion_dir;
 use diffguard_engine::{Autoencoder, Classifier, LabelId};
 
@@ -156,17 +157,8 @@ fn sample_accuracy(
             &bundle.device,
         )
         .map_err(err)?;
-        let x = prior.decode(x)?;
-        let x01 = ((x + 1.0).map_err(err)? / 2.0).map_err(err)?;
-        let pred: Vec<u32> = bundle
-            .classifier
-            .forward(&x01)
-            .map_err(err)?
-            .logits
-            .argmax(D::Minus1)
-            .map_err(err)?
-            .to_vec1()
-            .map_err(err)?;
+        let x01 = to_unit(&prior.decode(x)?).map_err(err)?;
+        let pred = predictions(bundle, &x01)?;
         correct.push(pred.iter().filter(|&&p| p == c as u32).count());
         rows.push(x01);
     }
@@ -194,6 +186,15 @@ fn sample_accuracy(
         println!("grid: {}", path.display());
     }
     Ok(())
+}
+
+/// The bundle classifier's label for each image of `x01` (\[0, 1\]).
+fn predictions(bundle: &Bundle, x01: &Tensor) -> Res<Vec<u32>> {
+    let logits = bundle.classifier.forward(x01).map_err(err)?.logits;
+    logits
+        .argmax(D::Minus1)
+        .and_then(|p| p.to_vec1())
+        .map_err(err)
 }
 
 /// One row per class, `cols` samples each, grey PNG.
@@ -254,13 +255,7 @@ fn reconstruction(flags: &args::Flags, bundle: &Bundle, prior: &Prior) -> Res<()
         print_errors("autoencoder only", "-", &errs);
         // The ceiling of (a): how much the classifier still recognises after the first stage.
         let acc = |x: &Tensor| -> Res<f64> {
-            let x01 = ((x + 1.0).map_err(err)? / 2.0).map_err(err)?;
-            let logits = bundle.classifier.forward(&x01).map_err(err)?.logits;
-            let pred: Vec<u32> = logits
-                .argmax(D::Minus1)
-                .map_err(err)?
-                .to_vec1()
-                .map_err(err)?;
+            let pred = predictions(bundle, &to_unit(x).map_err(err)?)?;
             let right = pred
                 .iter()
                 .zip(test.labels())

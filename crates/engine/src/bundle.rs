@@ -23,7 +23,7 @@ use crate::eval::calibrate::ThresholdsFile;
 use crate::models::load::{Checkpoint, LoadOptions};
 use crate::models::pixel_unet::{PixelUNet, PixelUNetConfig};
 use crate::models::resnet::{ResNet, ResNetConfig};
-use crate::models::vq::{VqConfig, VqModel};
+use crate::models::vq::{VqConfig, VqModel, check_latent_shape};
 use crate::ops::resize::bilinear_resize;
 use crate::pipeline::{DiffGuard, ImageResult, Models};
 use crate::recipe::{Recipe, fingerprint};
@@ -140,9 +140,7 @@ impl Manifest {
             thresholds: None,
         }
     }
-}
 
-impl Manifest {
     /// [`Self::tiny`] as a latent bundle: the project's f=4 autoencoder layout (28 → 7×7×3) and a
     /// one-level latent UNet, run by the `ldm` recipe with `ddim_steps` DDIM steps (linear β, no
     /// DSG mask, logits-L1 against the input).
@@ -220,7 +218,9 @@ impl Bundle {
         ];
         let autoencoder = match &manifest.autoencoder {
             Some(entry) => {
-                check_latent_shape(dir, &entry.vq, &manifest.denoiser.pixel_unet)?;
+                check_latent_shape(&entry.vq, &manifest.denoiser.pixel_unet).map_err(|m| {
+                    EngineError::Config(format!("{}: {m}", dir.join(MANIFEST).display()))
+                })?;
                 let path = dir.join(&entry.weights);
                 let vq = Checkpoint::open(&path)?
                     .load(&opts, |vb| VqModel::new(vb, entry.vq.clone()))?;
@@ -270,22 +270,6 @@ impl Bundle {
 fn fingerprint_of(recipe: &Recipe, hashes: &[(&'static str, String)]) -> Result<String> {
     let named: Vec<(&str, &str)> = hashes.iter().map(|(k, h)| (*k, h.as_str())).collect();
     fingerprint(recipe, &named)
-}
-
-/// The latent UNet must take the autoencoder's latents: embed_dim channels at resolution / f.
-fn check_latent_shape(dir: &Path, vq: &VqConfig, unet: &PixelUNetConfig) -> Result<()> {
-    let dd = &vq.ddconfig;
-    let side = dd.resolution >> dd.ch_mult.len().saturating_sub(1);
-    if (vq.embed_dim, side) != (unet.in_channels, unet.image_size) {
-        return Err(EngineError::Config(format!(
-            "{}: the autoencoder makes {}×{side}² latents but the denoiser takes {}×{}²",
-            dir.join(MANIFEST).display(),
-            vq.embed_dim,
-            unet.in_channels,
-            unet.image_size
-        )));
-    }
-    Ok(())
 }
 
 /// The bundle's classifier alone, f32 on `device` (e.g. to serve it as a model), with the path of

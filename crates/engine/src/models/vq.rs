@@ -92,6 +92,24 @@ impl VqConfig {
         }
     }
 
+    /// The latents it makes, (channels, side): `embed_dim` channels at resolution / f.
+    pub fn latent_shape(&self) -> (usize, usize) {
+        let dd = &self.ddconfig;
+        (
+            self.embed_dim,
+            dd.resolution >> dd.ch_mult.len().saturating_sub(1),
+        )
+    }
+
+    /// The same autoencoder with `scale_factor` 1: latents as the encoder makes them (training, and
+    /// measuring the scale factor itself).
+    pub fn unscaled(&self) -> Self {
+        Self {
+            scale_factor: 1.0,
+            ..self.clone()
+        }
+    }
+
     /// The project's own continuous autoencoder for 28×28 grey images: f=4 (28 → 14 → 7), 3 latent
     /// channels, widths 32/64/64 with one ResBlock per level (two in the decoder), attention only in
     /// the 7×7 middle block; no codebook. `scale_factor` is set from the training latents' standard
@@ -460,6 +478,21 @@ impl VqModel {
     pub fn decode_quantized(&self, quant: &Tensor) -> Result<Tensor> {
         self.decoder.forward(&apply(&self.post_quant_conv, quant)?)
     }
+}
+
+/// The denoiser must take the autoencoder's latents; the message names both shapes.
+pub(crate) fn check_latent_shape(
+    vq: &VqConfig,
+    unet: &super::pixel_unet::PixelUNetConfig,
+) -> std::result::Result<(), String> {
+    let (c, side) = vq.latent_shape();
+    if (c, side) != (unet.in_channels, unet.image_size) {
+        return Err(format!(
+            "the autoencoder makes {c}×{side}² latents but the denoiser takes {}×{}²",
+            unet.in_channels, unet.image_size
+        ));
+    }
+    Ok(())
 }
 
 impl Autoencoder for VqModel {

@@ -24,7 +24,7 @@ use super::{AdamWParams, seeded_var_builder};
 use crate::data::{Dataset, FashionSplit, PixelRange, Pixels, fashion_mnist};
 use crate::models::pixel_unet::{PixelUNet, PixelUNetConfig};
 use crate::models::resnet::{ResNet, ResNetConfig};
-use crate::models::vq::{VqConfig, VqModel};
+use crate::models::vq::{VqConfig, VqModel, check_latent_shape};
 use crate::{Autoencoder, EngineError, LabelId, Result};
 
 /// What every recipe run takes from the command line.
@@ -312,10 +312,14 @@ pub fn profile<O: Objective>(
         .collect()
 }
 
+/// Items for two steps of the largest batch.
+fn profile_len(batches: &[usize]) -> usize {
+    batches.iter().copied().max().unwrap_or(1).max(1) * 2
+}
+
 /// Enough real training images for two steps of the largest batch.
 fn profile_set(args: &RecipeArgs, range: PixelRange, batches: &[usize]) -> Result<InMemoryDataset> {
-    let largest = batches.iter().copied().max().unwrap_or(1).max(1);
-    Ok(train_set(args, range)?.truncate(largest * 2))
+    Ok(train_set(args, range)?.truncate(profile_len(batches)))
 }
 
 /// Step timings of the pixel DDPM on (a prefix of) the real training set.
@@ -479,13 +483,7 @@ fn autoencoder_trainer(
     let device = training_device()?;
     let vm = VarMap::new();
     let vb = seeded_var_builder(&vm, args.seed, DType::F32, &device);
-    let model = VqModel::new(
-        vb,
-        VqConfig {
-            scale_factor: 1.0,
-            ..vq.clone()
-        },
-    )?;
+    let model = VqModel::new(vb, vq.unscaled())?;
     let params = parameter_count(&vm);
     let objective = AutoencoderObjective {
         latent_weight: LATENT_PENALTY,
@@ -498,13 +496,15 @@ fn autoencoder_trainer(
     Ok((t, params))
 }
 
-/// Images of `ds` pushed through `f` in chunks of 500 on `device`, concatenated on the host.
-fn map_dataset(
+/// The first `first` images of `ds` pushed through `f` in chunks of 500 on `device`, one result
+/// per chunk.
+fn map_dataset<T>(
     ds: &InMemoryDataset,
+    first: usize,
     device: &Device,
-    mut f: impl FnMut(&Tensor) -> Result<Tensor>,
-) -> Result<Vec<Tensor>> {
-    let all: Vec<usize> = (0..ds.len()).collect();
+    mut f: impl FnMut(&Tensor) -> Result<T>,
+) -> Result<Vec<T>> {
+    let all: Vec<usize> = (0..ds.len().min(first)).collect();
     let mut rng = super::rng::derived(0, super::rng::Purpose::Step(0));
     all.chunks(500)
         .map(|idx| {
@@ -513,6 +513,9 @@ fn map_dataset(
         })
         .collect()
 }
+
+/// Training images whose latents set the autoencoder's scale factor.
+const SCALE_SAMPLE: usize = 5_000;
 
 /// Loads an autoencoder written by [`train_autoencoder`] (`config.json` + `model.safetensors`).
 pub fn load_autoencoder(dir: &Path, device: &Device) -> Result<VqModel> {
@@ -538,37 +541,35 @@ pub fn load_autoencoder(dir: &Path, device: &Device) -> Result<VqModel> {
 pub fn train_autoencoder(args: &RecipeArgs, vq: &VqConfig) -> Result<TrainReport> {
     let data = train_set(args, PixelRange::MinusOneOne)?;
     let n = data.len();
-    let (mut trainer, parameters) = autoencoder_trainer(args, vq, data.clone(), run_options(args))?;
+    let (mut trainer, parameters) = autoencoder_trainer(args, vq, data, run_options(args))?;
     let summary = trainer.run()?;
     let weights = args.out.join("model.safetensors");
     export_weights(&weights, trainer.ema_weights())?;
     let device = trainer.device().clone();
-    let unscaled = VqConfig {
-        scale_factor: 1.0,
-        ..vq.clone()
-    };
-    let model = VqModel::new(load_exported(&weights, &device)?, unscaled.clone())?;
-    let sample = data.truncate(5_000);
-    let z = Tensor::cat(&map_dataset(&sample, &device, |x| model.encode(x))?, 0)?;
-    let std = z.to_dtype(DType::F64)?.flatten_all()?.var(0)?.sqrt()?;
+    let model = VqModel::new(load_exported(&weights, &device)?, vq.unscaled())?;
+    let z = map_dataset(trainer.data(), SCALE_SAMPLE, &device, |x| model.encode(x))?;
+    let std = Tensor::cat(&z, 0)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .var(0)?
+        .sqrt()?;
     let config = VqConfig {
         scale_factor: 1.0 / std.to_scalar::<f64>()?,
-        ..unscaled
+        ..vq.unscaled()
     };
     write_json(&args.out.join("config.json"), &config)?;
     let test = in_memory(
         &fashion_mnist(&args.fashion_dir, FashionSplit::Test)?,
         PixelRange::MinusOneOne,
-    )?
-    .truncate(args.test_limit.unwrap_or(2_000));
-    let mut psnr = Vec::with_capacity(test.len());
-    for chunk in map_dataset(&test, &device, |x| {
+    )?;
+    let psnr: Vec<f64> = map_dataset(&test, args.test_limit.unwrap_or(2_000), &device, |x| {
         let r = model.decode(&model.encode(x)?)?.clamp(-1f32, 1f32)?;
-        Ok(Tensor::stack(&[x, &r], 0)?)
-    })? {
-        let errs = crate::eval::quality::mse_psnr(&chunk.get(1)?, &chunk.get(0)?)?;
-        psnr.extend(errs.into_iter().map(|e| e.1));
-    }
+        crate::eval::quality::mse_psnr(&r, x)
+    })?
+    .into_iter()
+    .flatten()
+    .map(|(_, p)| p)
+    .collect();
     let mut report = report(
         "autoencoder",
         &trainer,
@@ -596,30 +597,32 @@ pub fn latent_diffusion_config(args: &RecipeArgs) -> TrainConfig {
 /// latents, what the latent DDPM models).
 pub fn encoded_train_set(args: &RecipeArgs, ae_dir: &Path) -> Result<InMemoryDataset> {
     let device = training_device()?;
-    let ae = load_autoencoder(ae_dir, &device)?;
+    encode_train_set(args, &load_autoencoder(ae_dir, &device)?, &device)
+}
+
+fn encode_train_set(args: &RecipeArgs, ae: &VqModel, device: &Device) -> Result<InMemoryDataset> {
     let images = train_set(args, PixelRange::MinusOneOne)?.with_mirrors();
-    let z = map_dataset(&images, &device, |x| ae.encode(x))?;
-    let z = Tensor::cat(&z, 0)?;
+    let z = Tensor::cat(
+        &map_dataset(&images, images.len(), device, |x| ae.encode(x))?,
+        0,
+    )?;
     let (_, c, h, w) = z.dims4()?;
     let values = z.flatten_all()?.to_vec1::<f32>()?;
     InMemoryDataset::new(values, images.labels().to_vec(), (c, h, w))
 }
 
 /// Trains (or resumes) the class-conditional latent DDPM on the latents of the autoencoder in
-/// `ae_dir` into `args.out`.
+/// `ae_dir` into `args.out`. A UNet that does not take those latents is refused before the
+/// training set is encoded.
 pub fn train_latent_diffusion(
     args: &RecipeArgs,
     ae_dir: &Path,
     unet: &PixelUNetConfig,
 ) -> Result<TrainReport> {
-    let data = encoded_train_set(args, ae_dir)?;
-    let (c, h, _) = data.chw();
-    if (unet.in_channels, unet.image_size) != (c, h) {
-        return Err(EngineError::Config(format!(
-            "latent UNet takes {}×{}² inputs but the autoencoder's latents are {c}×{h}²",
-            unet.in_channels, unet.image_size
-        )));
-    }
+    let device = training_device()?;
+    let ae = load_autoencoder(ae_dir, &device)?;
+    check_latent_shape(ae.config(), unet).map_err(EngineError::Config)?;
+    let data = encode_train_set(args, &ae, &device)?;
     run_diffusion(
         "latent-ddpm",
         args,
@@ -651,7 +654,7 @@ pub fn profile_latent_diffusion(
     batches: &[usize],
     steps: u64,
 ) -> Result<Vec<StepTiming>> {
-    let largest = batches.iter().copied().max().unwrap_or(1).max(1) * 2;
+    let largest = profile_len(batches);
     let data = match ae_dir {
         Some(dir) => encoded_train_set(
             &RecipeArgs {

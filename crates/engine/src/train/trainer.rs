@@ -190,6 +190,11 @@ impl<O: Objective> Trainer<O> {
         &self.config
     }
 
+    /// The training set the run draws its batches from.
+    pub fn data(&self) -> &InMemoryDataset {
+        &self.data
+    }
+
     pub fn objective(&self) -> &O {
         &self.objective
     }
