@@ -3,6 +3,7 @@
 pub mod adm_unet;
 pub mod catalog;
 pub mod class_embedder;
+pub mod diffusers;
 pub mod layers;
 pub mod ldm_unet;
 pub mod load;
