@@ -27,12 +27,12 @@ RUN apt-get update \
 COPY --from=build /out/diffguard /out/diffguard-upstream /usr/local/bin/
 COPY config /etc/diffguard
 # The embedded default bundle (the detector's models; the example upstream serves its classifier).
-COPY models/fashion-mnist /usr/share/diffguard/models/fashion-mnist
+COPY models/fashion-mnist-latent /usr/share/diffguard/models/fashion-mnist-latent
 USER 10001
 # Inside a container the guard must listen beyond loopback.
 ENV DIFFGUARD_LISTEN=0.0.0.0:8080 \
     DIFFGUARD_OPS_LISTEN=0.0.0.0:9090 \
-    DIFFGUARD_BUNDLE=/usr/share/diffguard/models/fashion-mnist \
+    DIFFGUARD_BUNDLE=/usr/share/diffguard/models/fashion-mnist-latent \
     RUST_LOG=info
 EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/diffguard"]

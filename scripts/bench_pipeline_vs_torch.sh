@@ -46,7 +46,7 @@ trap 'rm -rf "$WORK"' EXIT
 BEFORE=$(uptime)
 for v in ${VARIANTS//,/ }; do
   for thr in ${THREADS//,/ }; do
-    nice -n "$NICE" "$BIN" --variants "$v" --threads "$thr" --images "$IMAGES" --batch "$BATCH" \
+    nice -n "$NICE" "$BIN" --bundle models/fashion-mnist --variants "$v" --threads "$thr" --images "$IMAGES" --batch "$BATCH" \
       --reps "$REPS" --jsonl "$WORK/ours.jsonl" | tail -n 1
     line=$(( $(wc -l < "$WORK/ours.jsonl") - 1 ))
     for structure in reference batched; do

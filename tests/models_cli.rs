@@ -124,7 +124,30 @@ fn json_reports_found_and_missing_files() {
         .iter()
         .map(|r| r["recipe"].as_str().unwrap())
         .collect();
-    assert_eq!(recipes, ["gdm", "ldm", "pixel-cfg"]);
+    assert_eq!(recipes, ["gdm", "ldm", "bundle"]);
+}
+
+/// With nothing configured, the bundle catalog is the default bundle `diffguard serve` loads: the
+/// latent one, its four files (the autoencoder included) found in the source tree and, verified,
+/// fitting the architectures its `bundle.json` declares.
+#[test]
+fn default_bundle_is_listed_with_its_autoencoder() {
+    let s = Scratch::new("default-bundle");
+    let out = models(&s, &["--recipe", "bundle", "--verify", "--json"]);
+    let v = json(&out);
+    let files = v[0]["files"].as_array().unwrap();
+    let roles: Vec<&str> = files.iter().map(|f| f["role"].as_str().unwrap()).collect();
+    assert_eq!(roles, ["bundle", "classifier", "denoiser", "autoencoder"]);
+    let default =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(diffguard_engine::bundle::DEFAULT_BUNDLE);
+    for f in files {
+        assert_eq!(f["status"], "ok", "{f}");
+        assert!(
+            Path::new(f["path"].as_str().unwrap()).starts_with(&default),
+            "{f}"
+        );
+    }
+    assert!(out.status.success(), "{}", text(&out).1);
 }
 
 #[test]

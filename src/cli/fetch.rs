@@ -77,7 +77,7 @@ fn target(file: &ModelFile, dir: &Path, safetensors: bool) -> anyhow::Result<Pat
         .iter()
         .find(|n| !safetensors || n.ends_with(".safetensors"))
         .with_context(|| format!("{}: no file name for this source", file.role))?;
-    let dest = dir.join(name);
+    let dest = dir.join(name.as_ref());
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).with_context(|| parent.display().to_string())?;
     }

@@ -13,6 +13,8 @@ use diffguard_engine::models::catalog::{
     self, FileReport, MODELS_ENV, ModelFile, PartMismatch, SearchPaths, Status, Verification, Via,
 };
 
+use diffguard_engine::bundle::Manifest;
+
 use crate::config::Config;
 
 /// Arguments of `diffguard models`.
@@ -20,7 +22,9 @@ use crate::config::Config;
 pub struct ModelsArgs {
     #[command(subcommand)]
     pub action: Option<ModelsAction>,
-    /// Recipe preset whose files to list: gdm, ldm or pixel-cfg (default: all three).
+    /// Catalog to list: gdm or ldm (the paper's recipes and their published checkpoints), or
+    /// bundle (the project's own bundle folder, whatever recipe it runs; pixel-cfg is accepted
+    /// for it). Default: all three.
     #[arg(long, env = "DIFFGUARD_RECIPE", global = true)]
     pub recipe: Option<String>,
     /// Models directory searched (and written by `fetch`); default $DIFFGUARD_MODELS, else
@@ -38,9 +42,9 @@ pub struct ModelsArgs {
         global = true
     )]
     pub files: Vec<String>,
-    /// The project's bundle folder searched first for pixel-cfg (default: the one `diffguard
-    /// serve` would load: `detector.settings.bundle` of the config, else the source tree's
-    /// models/fashion-mnist).
+    /// The project's bundle folder listed by the bundle catalog (default: the one `diffguard
+    /// serve` would load: `detector.settings.bundle` of the config, else $DIFFGUARD_BUNDLE, else
+    /// the source tree's models/fashion-mnist-latent). Its `bundle.json` names the files.
     #[arg(long, env = "DIFFGUARD_BUNDLE", global = true)]
     pub bundle: Option<PathBuf>,
     /// Guard config file whose detector settings name the bundle (as for `diffguard serve`).
@@ -119,7 +123,18 @@ fn recipes(args: &ModelsArgs) -> anyhow::Result<Vec<String>> {
 
 /// The catalog of `recipe` and the search order the arguments and environment give.
 pub fn plan(args: &ModelsArgs, recipe: &str) -> anyhow::Result<(Vec<ModelFile>, SearchPaths)> {
-    let files = catalog::catalog(recipe)?;
+    let bundle = match recipe {
+        catalog::BUNDLE | "pixel-cfg" => Some(bundle_dir(args)?),
+        _ => None,
+    };
+    // An unreadable manifest is reported as the `bundle` file's problem, not as a failure here.
+    let manifest = bundle
+        .as_deref()
+        .and_then(|d| Some((d, Manifest::read(d).ok()?)));
+    let files = match manifest {
+        Some((dir, m)) => catalog::bundle_catalog(Some((dir, &m))),
+        None => catalog::catalog(recipe)?,
+    };
     let mut explicit = BTreeMap::new();
     for spec in &args.files {
         let (role, path) = spec
@@ -134,11 +149,7 @@ pub fn plan(args: &ModelsArgs, recipe: &str) -> anyhow::Result<(Vec<ModelFile>, 
         }
         explicit.insert(role.to_string(), PathBuf::from(path));
     }
-    let bundle_dirs = if recipe == "pixel-cfg" {
-        vec![bundle_dir(args)?]
-    } else {
-        Vec::new()
-    };
+    let bundle_dirs = bundle.into_iter().collect();
     let dir = args.dir.clone().map(OsString::from);
     let var = |k: &str| {
         if k == MODELS_ENV {
@@ -310,7 +321,7 @@ fn fetch(files: &[ModelFile], paths: &SearchPaths) -> anyhow::Result<()> {
     );
     for f in missing {
         let url = f.sources.first().map(|s| s.describe()).unwrap_or_default();
-        let name = f.names.first().copied().unwrap_or_default();
+        let name = f.names.first().map_or("", |n| n.as_ref());
         let _ = writeln!(msg, "  {url}\n    -> {dir}/{name}");
     }
     bail!("{}", msg.trim_end())

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use diffguard_engine::LabelId;
-use diffguard_engine::bundle::{Bundle, RawImage, device_from_name};
+use diffguard_engine::bundle::{Bundle, DEFAULT_BUNDLE, RawImage, device_from_name};
 use diffguard_engine::pipeline::ImageResult;
 
 use super::detector::{Detector, DetectorError, Job, Score};
@@ -34,11 +34,12 @@ pub fn bundle_dir(cfg: &DetectorConfig) -> Result<PathBuf, DetectorError> {
     Ok(default_bundle_dir())
 }
 
-/// `$DIFFGUARD_BUNDLE`, else the project's own Fashion-MNIST bundle in the source tree.
+/// `$DIFFGUARD_BUNDLE`, else the project's own Fashion-MNIST bundle in the source tree
+/// ([`DEFAULT_BUNDLE`]).
 pub fn default_bundle_dir() -> PathBuf {
     match std::env::var_os(BUNDLE_ENV) {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fashion-mnist"),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_BUNDLE),
     }
 }
 

@@ -49,7 +49,9 @@ fn arg<'a>(args: &'a [String], flag: &str, default: &'a str) -> &'a str {
 }
 
 fn default_bundle() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/fashion-mnist")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(diffguard_engine::bundle::DEFAULT_BUNDLE)
 }
 
 /// `a+b`: variant `b` applied on top of variant `a` (e.g. `aes+clean-grad`, the paper's GDM

@@ -9,8 +9,8 @@
 //!
 //! ```text
 //! cargo run --release -p diffguard-engine --example prior_quality -- \
-//!     [--bundle models/fashion-mnist] [--per-class 20] [--steps 25] [--scale 3] \
-//!     [--recon 200] [--depths 12,19] [--grid models/fashion-mnist/samples.png] [--seed 0] \
+//!     [--bundle models/fashion-mnist-latent] [--per-class 20] [--steps 25] [--scale 3] \
+//!     [--recon 200] [--depths 12,19] [--grid models/fashion-mnist-latent/samples.png] [--seed 0] \
 //!     [--device cpu|cuda:N]
 //! ```
 
@@ -43,7 +43,10 @@ fn err(e: impl std::fmt::Display) -> String {
 
 fn run() -> Res<()> {
     let flags = args::Flags::parse()?;
-    let dir: PathBuf = flags.get("bundle", PathBuf::from("models/fashion-mnist"))?;
+    let dir: PathBuf = flags.get(
+        "bundle",
+        PathBuf::from(diffguard_engine::bundle::DEFAULT_BUNDLE),
+    )?;
     let device = device_from_name(&flags.get("device", String::from("cpu"))?).map_err(err)?;
     let bundle = Bundle::open_uncalibrated(&dir, &device).map_err(err)?;
     let prior = Prior::of(&bundle)?;

@@ -10,8 +10,9 @@
 //!   thresholds.json        from `diffguard calibrate`, stamped with the detector fingerprint
 //! ```
 //!
-//! A latent bundle adds an `autoencoder` entry (the project's continuous f=4 autoencoder) and runs
-//! the `ldm` recipe: its denoiser is the same class-conditional UNet on the autoencoder's latents.
+//! A latent bundle (the default, [`DEFAULT_BUNDLE`]) adds an `autoencoder` entry (the project's
+//! continuous f=4 autoencoder) and runs the `ldm` recipe: its denoiser is the same
+//! class-conditional UNet on the autoencoder's latents.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::calibrate::ThresholdsFile;
+use crate::models::diffusers;
 use crate::models::load::{Checkpoint, LoadOptions};
 use crate::models::pixel_unet::{PixelUNet, PixelUNetConfig};
 use crate::models::resnet::{ResNet, ResNetConfig};
@@ -31,6 +33,11 @@ use crate::{EngineError, LabelId, Result};
 
 /// The manifest file inside a bundle folder.
 pub const MANIFEST: &str = "bundle.json";
+
+/// The project's default bundle, relative to the workspace root: every network in it was trained
+/// by the project's Rust trainer (`models/README.md`). `diffguard serve`, the demo, the example
+/// upstream and the engine's examples load it unless told otherwise.
+pub const DEFAULT_BUNDLE: &str = "models/fashion-mnist-latent";
 
 /// `bundle.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,13 +212,9 @@ impl Bundle {
         }
         let (classifier, classifier_path) = classifier_of(dir, &manifest, device)?;
         let classifier = Arc::new(classifier);
-        let denoiser_path = dir.join(&manifest.denoiser.weights);
         let opts = LoadOptions::new(DType::F32, device);
-        let unet_config = manifest.denoiser.pixel_unet.clone();
-        let denoiser = Arc::new(
-            Checkpoint::open(&denoiser_path)?
-                .load(&opts, |vb| PixelUNet::new(vb, unet_config.clone()))?,
-        );
+        let (denoiser, denoiser_path) = denoiser_of(dir, &manifest, &opts)?;
+        let denoiser = Arc::new(denoiser);
         let mut hashes = vec![
             ("classifier", hash_file(&classifier_path)?),
             ("denoiser", hash_file(&denoiser_path)?),
@@ -421,6 +424,33 @@ pub fn hash_file(path: &Path) -> Result<String> {
         source,
     })?;
     Ok(blake3::hash(&bytes).to_hex().to_string())
+}
+
+/// The denoiser and the file its weights came from: a checkpoint file under the manifest's
+/// architecture, or a diffusers `UNet2DModel` folder, whose own `config.json` must describe that
+/// same architecture (the manifest stays the one statement of what the bundle runs).
+fn denoiser_of(
+    dir: &Path,
+    manifest: &Manifest,
+    opts: &LoadOptions,
+) -> Result<(PixelUNet, PathBuf)> {
+    let path = dir.join(&manifest.denoiser.weights);
+    let declared = &manifest.denoiser.pixel_unet;
+    if !diffusers::is_model_folder(&path) {
+        let unet =
+            Checkpoint::open(&path)?.load(opts, |vb| PixelUNet::new(vb, declared.clone()))?;
+        return Ok((unet, path));
+    }
+    let unet = diffusers::load(&path, opts.dtype, &opts.device)?;
+    if unet.config() != declared {
+        return Err(EngineError::Config(format!(
+            "{}: denoiser.pixel_unet is {declared:?} but the diffusers folder {} holds {:?}",
+            dir.join(MANIFEST).display(),
+            path.display(),
+            unet.config()
+        )));
+    }
+    Ok((unet, path.join(diffusers::WEIGHTS_FILE)))
 }
 
 /// Writes a bundle whose networks carry freshly initialised (untrained, seeded) weights: what

@@ -10,7 +10,8 @@ use candle_core::{Device, Tensor};
 use diffguard_engine::bundle::{Manifest, write_untrained};
 use diffguard_engine::models::adm_unet::AdmUNetConfig;
 use diffguard_engine::models::catalog::{
-    Arch, ModelFile, SearchPaths, Status, Verification, Via, catalog, check, locate, verify,
+    Arch, BUNDLE_FOLDER, ModelFile, SearchPaths, Status, Verification, Via, bundle_catalog,
+    catalog, check, locate, verify,
 };
 use diffguard_engine::models::class_embedder::ClassEmbedderConfig;
 use diffguard_engine::models::ldm_unet::LdmUNetConfig;
@@ -374,13 +375,19 @@ fn tiny_manifest(width: usize) -> Manifest {
     m
 }
 
-/// pixel-cfg: the project's bundle, found in the bundle folder first, checked against the
+/// The project's bundle (catalog `bundle`, alias `pixel-cfg`), found in the bundle folder first,
+/// else in the models directory under the default bundle's folder name, checked against the
 /// architectures its own `bundle.json` declares.
 #[test]
 fn bundle_files() {
+    assert!(
+        diffguard_engine::bundle::DEFAULT_BUNDLE.ends_with(&format!("/{BUNDLE_FOLDER}")),
+        "the models-directory name is the default bundle's folder"
+    );
+    assert_eq!(catalog("bundle").unwrap(), catalog("pixel-cfg").unwrap());
     let s = Scratch::new("bundle");
     let models = s.0.join("models");
-    let bundle = models.join("fashion-mnist");
+    let bundle = models.join(BUNDLE_FOLDER);
     write_untrained(&bundle, &tiny_manifest(8), 7).unwrap();
     let own = s.0.join("own");
     let paths = SearchPaths::from_env(
@@ -409,4 +416,39 @@ fn bundle_files() {
     let reports = check(&files, &paths, true);
     assert_eq!(reports[0].status, Status::Missing);
     assert_eq!(reports[1].status, Status::Unreadable);
+}
+
+/// A latent bundle read through its manifest: the autoencoder is listed, every file is found by
+/// the name the manifest gives it and checked against the manifest's architecture (not the
+/// pixel UNet a bare catalog would assume); a denoiser of the wrong width is a mismatch.
+#[test]
+fn latent_bundle_lists_its_autoencoder() {
+    let s = Scratch::new("latent-bundle");
+    let bundle = s.0.join("latent");
+    let mut manifest = Manifest::tiny_latent(10);
+    manifest.denoiser.weights = "prior.safetensors".into();
+    write_untrained(&bundle, &manifest, 5).unwrap();
+    manifest.write(&bundle).unwrap();
+    let paths = SearchPaths::from_env(BTreeMap::new(), vec![bundle.clone()], env(&[]));
+    let files = bundle_catalog(Some((&bundle, &manifest)));
+    let roles: Vec<&str> = files.iter().map(|f| f.role).collect();
+    assert_eq!(roles, ["bundle", "classifier", "denoiser", "autoencoder"]);
+    let reports = check(&files, &paths, true);
+    for r in &reports {
+        assert_eq!(r.status, Status::Ok, "{r:#?}");
+    }
+    assert_eq!(
+        reports[2].path.as_deref(),
+        Some(bundle.join("prior.safetensors").as_path())
+    );
+    // Without the manifest the bare catalog looks for the standard name and misses the prior.
+    let bare = check(&bundle_catalog(None), &paths, false);
+    assert_eq!(bare[2].status, Status::Missing);
+    assert_eq!(bare.len(), 3);
+    // A manifest that declares a wider denoiser than the file holds.
+    let mut wider = manifest.clone();
+    wider.denoiser.pixel_unet.model_channels *= 2;
+    let reports = check(&bundle_catalog(Some((&bundle, &wider))), &paths, true);
+    assert_eq!(reports[2].status, Status::Mismatch);
+    assert_eq!(reports[3].status, Status::Ok);
 }

@@ -152,3 +152,74 @@ fn missing_and_unexpected_tensors_are_named() {
     std::fs::remove_file(&weights).unwrap();
     assert!(load_error(&dir.0).contains(diffusers::WEIGHTS_FILE));
 }
+
+/// A bundle whose `denoiser.weights` names a diffusers folder runs it (the fixture's ε comes out
+/// of the bundle's denoiser), the folder's weights file is what the fingerprint hashes, and a
+/// manifest declaring another architecture than the folder's config is refused, naming both.
+#[test]
+fn bundle_runs_a_diffusers_folder() {
+    use diffguard_engine::bundle::{Bundle, Manifest, write_untrained};
+    use diffguard_engine::models::catalog::{SearchPaths, Status, bundle_catalog, check};
+    let dir =
+        std::env::temp_dir().join(format!("diffguard-diffusers-bundle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut manifest = Manifest::tiny(10, 0);
+    manifest.classifier.resnet.in_channels = 3;
+    manifest.classifier.resnet.mean = vec![0.5; 3];
+    manifest.classifier.resnet.std = vec![0.5; 3];
+    write_untrained(&dir, &manifest, 1).unwrap();
+    manifest.denoiser.weights = fixture().display().to_string();
+    manifest.denoiser.pixel_unet = UNet2DConfig::read(&fixture())
+        .unwrap()
+        .pixel_unet()
+        .unwrap();
+    manifest.write(&dir).unwrap();
+
+    let bundle = Bundle::open(&dir, &Device::Cpu).unwrap();
+    let case =
+        candle_core::safetensors::load(fixture().join("case.safetensors"), &Device::Cpu).unwrap();
+    let eps = bundle
+        .denoiser
+        .forward(&case["x"], &ints(&case["t"]), &ints(&case["y"]))
+        .unwrap();
+    assert_close("bundle denoiser vs diffusers", &eps, &case["eps"], 1e-4);
+    let hash = |p: &Path| diffguard_engine::bundle::hash_file(p).unwrap();
+    let expected = diffguard_engine::recipe::fingerprint(
+        &manifest.recipe,
+        &[
+            ("classifier", &hash(&dir.join("classifier.safetensors"))),
+            ("denoiser", &hash(&fixture().join(diffusers::WEIGHTS_FILE))),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        bundle.fingerprint, expected,
+        "the folder's weights file is hashed"
+    );
+
+    // `diffguard models` finds the folder's weights and verifies them through the same loader.
+    let paths = SearchPaths::from_env(Default::default(), vec![dir.clone()], |_| None);
+    let denoiser = |m: &Manifest| {
+        let files = bundle_catalog(Some((&dir, m)));
+        check(&files, &paths, true).remove(2)
+    };
+    let found = denoiser(&manifest);
+    assert_eq!(found.status, Status::Ok, "{found:#?}");
+    assert_eq!(
+        found.path.as_deref(),
+        Some(fixture().join(diffusers::WEIGHTS_FILE).as_path())
+    );
+
+    manifest.denoiser.pixel_unet.num_res_blocks = 1;
+    assert_eq!(denoiser(&manifest).status, Status::Unreadable);
+    manifest.write(&dir).unwrap();
+    let err = Bundle::open(&dir, &Device::Cpu)
+        .err()
+        .expect("mismatch refused")
+        .to_string();
+    assert!(
+        err.contains("denoiser.pixel_unet") && err.contains("diffusers folder"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

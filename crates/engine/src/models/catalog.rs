@@ -7,6 +7,7 @@
 //! (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`). [`check`] runs the
 //! lookup and, when asked, opens every found file and compares it with the preset architecture.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use serde::Serialize;
 use crate::bundle::Manifest;
 use crate::models::adm_unet::{AdmUNet, AdmUNetConfig};
 use crate::models::class_embedder::{ClassEmbedder, ClassEmbedderConfig};
+use crate::models::diffusers;
 use crate::models::ldm_unet::{LdmUNet, LdmUNetConfig};
 use crate::models::load::{Checkpoint, IGNORE_BN_COUNTERS, LoadOptions, Mismatch};
 use crate::models::pixel_unet::{PixelUNet, PixelUNetConfig};
@@ -26,8 +28,17 @@ use crate::models::vgg::{DISTS_CHANNELS, Vgg16Features, VggConfig};
 use crate::models::vq::{VqConfig, VqModel};
 use crate::{EngineError, Result};
 
-/// The recipe presets that have a catalog.
-pub const RECIPES: [&str; 3] = ["gdm", "ldm", "pixel-cfg"];
+/// The catalogs: the paper's recipes with their published checkpoints, and the project's own
+/// bundle (whatever recipe its `bundle.json` runs; `pixel-cfg` is accepted for it, as that
+/// recipe only runs from a bundle).
+pub const RECIPES: [&str; 3] = ["gdm", "ldm", BUNDLE];
+
+/// The catalog of the project's bundle folder.
+pub const BUNDLE: &str = "bundle";
+
+fn names(n: &[&'static str]) -> Vec<Cow<'static, str>> {
+    n.iter().map(|&n| Cow::Borrowed(n)).collect()
+}
 
 /// How a file is stored (all detected by content when opened; this is what the publisher ships).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,10 +79,12 @@ pub enum Arch {
     DistsAlphaBeta,
     /// The classifier described by the `bundle.json` next to the file.
     BundleClassifier,
-    /// The pixel DDPM described by the `bundle.json` next to the file.
+    /// The class-conditional DDPM described by the `bundle.json` next to the file.
     BundleDenoiser,
     /// The file is a bundle manifest; checking = parsing it.
     Manifest,
+    /// The weights of a diffusers `UNet2DModel` folder, which must load as this pixel UNet.
+    DiffusersUNet(PixelUNetConfig),
 }
 
 /// One model inside a file: its tensors live under `prefix`.
@@ -127,7 +140,8 @@ pub struct ModelFile {
     pub role: &'static str,
     pub what: &'static str,
     /// Paths relative to a search directory, preferred first; the first is where `fetch` writes.
-    pub names: Vec<&'static str>,
+    /// A bundle's names come from its `bundle.json`, hence owned names are allowed.
+    pub names: Vec<Cow<'static, str>>,
     pub format: Format,
     pub parts: Vec<Part>,
     pub sources: Vec<Source>,
@@ -156,10 +170,10 @@ fn adm_256_uncond() -> ModelFile {
     ModelFile {
         role: "diffusion",
         what: "OpenAI guided-diffusion ADM UNet, 256x256 unconditional",
-        names: vec![
+        names: names(&[
             "256x256_diffusion_uncond.pt",
             "256x256_diffusion_uncond.safetensors",
-        ],
+        ]),
         format: Format::TorchZip,
         parts: vec![Part {
             name: "unet",
@@ -175,12 +189,12 @@ fn ldm_cin256_v2() -> ModelFile {
     ModelFile {
         role: "diffusion",
         what: "CompVis LDM cin256-v2 (UNet + VQ-f4 first stage + class embedder)",
-        names: vec![
+        names: names(&[
             "cin256-v2/model.ckpt",
             "ldm/cin256-v2/model.ckpt",
             "cin256-v2.ckpt",
             "cin256-v2.safetensors",
-        ],
+        ]),
         format: Format::LightningCkpt,
         parts: vec![
             Part {
@@ -216,11 +230,11 @@ fn resnet50() -> ModelFile {
     ModelFile {
         role: "classifier",
         what: "torchvision ResNet-50 ImageNet V1 (76.1% top-1)",
-        names: vec![
+        names: names(&[
             "resnet50-0676ba61.pth",
             "resnet50-0676ba61.safetensors",
             "imagenet_res50_acc76.10.pth",
-        ],
+        ]),
         format: Format::TorchZip,
         parts: vec![Part {
             name: "resnet50",
@@ -244,7 +258,7 @@ fn vgg16() -> ModelFile {
     ModelFile {
         role: "dists-vgg16",
         what: "torchvision VGG16 ImageNet (DISTS features)",
-        names: vec!["vgg16-397923af.pth", "vgg16-397923af.safetensors"],
+        names: names(&["vgg16-397923af.pth", "vgg16-397923af.safetensors"]),
         format: Format::TorchZip,
         parts: vec![Part {
             name: "vgg16 features",
@@ -268,7 +282,7 @@ fn dists_weights() -> ModelFile {
     ModelFile {
         role: "dists-weights",
         what: "piq DISTS alpha/beta (release v0.4.1)",
-        names: vec!["dists_weights.pt", "dists_weights.safetensors"],
+        names: names(&["dists_weights.pt", "dists_weights.safetensors"]),
         format: Format::TorchZip,
         parts: vec![Part {
             name: "alpha/beta",
@@ -280,18 +294,43 @@ fn dists_weights() -> ModelFile {
     }
 }
 
-/// The project's own bundle folder name inside a models directory.
-pub const BUNDLE_FOLDER: &str = "fashion-mnist";
+/// The default bundle's folder name inside a models directory (`$DIFFGUARD_MODELS/<this>/...`),
+/// the last component of [`crate::bundle::DEFAULT_BUNDLE`].
+pub const BUNDLE_FOLDER: &str = "fashion-mnist-latent";
 
-const BUNDLE_HOW: &str = "ships with the project in models/fashion-mnist/; rebuild it with \
-                          `diffguard train` (no public download)";
+const BUNDLE_HOW: &str = "ships with the project in models/; rebuild it with `diffguard train` \
+                          (no public download)";
 
-fn bundle_files() -> Vec<ModelFile> {
-    let entry = |role, what, names: Vec<&'static str>, format, arch| ModelFile {
+/// The files of a bundle folder. With the folder and its `bundle.json` read, the file names and
+/// architectures are the manifest's own (a latent bundle's autoencoder is listed, a diffusers
+/// folder as the denoiser is checked through its own loader); without them, the standard names,
+/// and each network is checked against the `bundle.json` next to it.
+pub fn bundle_catalog(bundle: Option<(&Path, &Manifest)>) -> Vec<ModelFile> {
+    let manifest = bundle.map(|(_, m)| m);
+    let diffusers_denoiser = bundle.and_then(|(dir, m)| {
+        let folder = dir.join(&m.denoiser.weights);
+        diffusers::is_model_folder(&folder).then(|| {
+            (
+                format!("{}/{}", m.denoiser.weights, diffusers::WEIGHTS_FILE),
+                Arch::DiffusersUNet(m.denoiser.pixel_unet.clone()),
+            )
+        })
+    });
+    let entry = |role, what, name: Option<&String>, standard: &'static str, arch| ModelFile {
         role,
         what,
-        names,
-        format,
+        names: {
+            let name = name.map_or(standard, String::as_str);
+            vec![
+                Cow::Owned(name.to_string()),
+                Cow::Owned(format!("{BUNDLE_FOLDER}/{name}")),
+            ]
+        },
+        format: if role == "bundle" {
+            Format::BundleManifest
+        } else {
+            Format::Safetensors
+        },
         parts: vec![Part {
             name: role,
             prefix: "",
@@ -300,35 +339,52 @@ fn bundle_files() -> Vec<ModelFile> {
         }],
         sources: vec![Source::Project { how: BUNDLE_HOW }],
     };
-    vec![
+    let mut files = vec![
         entry(
             "bundle",
             "bundle manifest (architectures, recipe, labels)",
-            vec!["bundle.json", "fashion-mnist/bundle.json"],
-            Format::BundleManifest,
+            None,
+            crate::bundle::MANIFEST,
             Arch::Manifest,
         ),
         entry(
             "classifier",
             "the project's small ResNet (Fashion-MNIST)",
-            vec![
-                "classifier.safetensors",
-                "fashion-mnist/classifier.safetensors",
-            ],
-            Format::Safetensors,
-            Arch::BundleClassifier,
+            manifest.map(|m| &m.classifier.weights),
+            "classifier.safetensors",
+            manifest.map_or(Arch::BundleClassifier, |m| {
+                Arch::ResNet(m.classifier.resnet.clone())
+            }),
         ),
-        entry(
-            "denoiser",
-            "the project's class-conditional pixel DDPM (Fashion-MNIST)",
-            vec![
+        match diffusers_denoiser {
+            Some((name, arch)) => entry(
+                "denoiser",
+                "a diffusers UNet2DModel folder (the pixel UNet's family)",
+                Some(&name),
+                diffusers::WEIGHTS_FILE,
+                arch,
+            ),
+            None => entry(
+                "denoiser",
+                "the project's class-conditional DDPM (pixel or latent)",
+                manifest.map(|m| &m.denoiser.weights),
                 "diffusion.safetensors",
-                "fashion-mnist/diffusion.safetensors",
-            ],
-            Format::Safetensors,
-            Arch::BundleDenoiser,
-        ),
-    ]
+                manifest.map_or(Arch::BundleDenoiser, |m| {
+                    Arch::PixelUNet(m.denoiser.pixel_unet.clone())
+                }),
+            ),
+        },
+    ];
+    if let Some(ae) = manifest.and_then(|m| m.autoencoder.as_ref()) {
+        files.push(entry(
+            "autoencoder",
+            "the project's f=4 autoencoder (latent bundles)",
+            Some(&ae.weights),
+            "autoencoder.safetensors",
+            Arch::Vq(ae.vq.clone()),
+        ));
+    }
+    files
 }
 
 /// The weight files of a recipe preset (`gdm`, `ldm`, `pixel-cfg`).
@@ -337,7 +393,7 @@ pub fn catalog(recipe: &str) -> Result<Vec<ModelFile>> {
     match recipe {
         "gdm" => Ok([vec![adm_256_uncond(), resnet50()], dists().to_vec()].concat()),
         "ldm" => Ok([vec![ldm_cin256_v2(), resnet50()], dists().to_vec()].concat()),
-        "pixel-cfg" => Ok(bundle_files()),
+        BUNDLE | "pixel-cfg" => Ok(bundle_catalog(None)),
         other => Err(EngineError::Config(format!(
             "unknown recipe `{other}` (expected one of {})",
             RECIPES.join(", ")
@@ -419,7 +475,7 @@ pub fn locate(file: &ModelFile, paths: &SearchPaths) -> Lookup {
     }
     for dir in &paths.dirs {
         for name in &file.names {
-            let p = dir.join(name);
+            let p = dir.join(name.as_ref());
             tried.push(p.clone());
             if p.is_file() {
                 let via = Via::Directory { dir: dir.clone() };
@@ -533,6 +589,9 @@ pub enum Verification {
 /// Opens `path` (by content, whatever its extension) and checks every part of `file` against its
 /// architecture. Reads every tensor a clean part uses, so a truncated file is caught too.
 pub fn verify(file: &ModelFile, path: &Path) -> Verification {
+    if let Some(Arch::DiffusersUNet(declared)) = file.parts.first().map(|p| &p.arch) {
+        return verify_diffusers(path, declared);
+    }
     if file.parts.iter().any(|p| p.arch == Arch::Manifest) {
         return match path.parent().map(Manifest::read) {
             Some(Ok(_)) => Verification::Ok,
@@ -592,9 +651,12 @@ fn verify_part(ck: &Checkpoint, part: &Part, path: &Path) -> Result<Option<PartM
                 vb.get(shape, "beta")?;
                 Ok(())
             }
-            Arch::BundleClassifier | Arch::BundleDenoiser | Arch::Manifest => Err(
-                EngineError::Config("no architecture to check against".into()),
-            ),
+            Arch::BundleClassifier
+            | Arch::BundleDenoiser
+            | Arch::Manifest
+            | Arch::DiffusersUNet(_) => Err(EngineError::Config(
+                "no architecture to check against".into(),
+            )),
         }
     };
     let (built, mismatch) = ck.compare(&opts, build);
@@ -607,6 +669,25 @@ fn verify_part(ck: &Checkpoint, part: &Part, path: &Path) -> Result<Option<PartM
         ck.load(&opts, build)?;
     }
     Ok(None)
+}
+
+/// A diffusers folder is checked by loading it: its `config.json` must translate to the declared
+/// pixel UNet and its tensors must all be used.
+fn verify_diffusers(weights: &Path, declared: &PixelUNetConfig) -> Verification {
+    let folder = weights.parent().unwrap_or(Path::new("."));
+    match diffusers::load(folder, DType::F32, &Device::Cpu) {
+        Ok(unet) if unet.config() == declared => Verification::Ok,
+        Ok(unet) => Verification::Unreadable {
+            error: format!(
+                "{} describes {:?}, bundle.json declares {declared:?}",
+                folder.join(diffusers::CONFIG_FILE).display(),
+                unet.config()
+            ),
+        },
+        Err(e) => Verification::Unreadable {
+            error: e.to_string(),
+        },
+    }
 }
 
 /// A bundle's networks are described by the `bundle.json` next to the weights.
