@@ -42,7 +42,8 @@ pub struct EvalArgs {
         value_delimiter = ','
     )]
     pub ood_folders: Vec<PathBuf>,
-    /// DiffGuard variants: recipe, no-dsg, clean-grad, aes (comma-separated; default: all that apply).
+    /// DiffGuard variants: recipe, dsg (the Grad-CAM mask toggled), clean-grad, aes (early stop
+    /// toggled); comma-separated; default: all that apply.
     #[arg(long, env = "DIFFGUARD_EVAL_VARIANTS", value_delimiter = ',')]
     pub variants: Vec<String>,
     /// Images per DiffGuard batch.

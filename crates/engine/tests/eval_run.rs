@@ -235,7 +235,7 @@ fn variants_follow_the_recipe() {
     let base = tiny_manifest().recipe;
     let all = variants(&base, &[]).unwrap();
     let ids: Vec<&str> = all.iter().map(|v| v.id.as_str()).collect();
-    assert_eq!(ids, ["recipe", "no-dsg", "clean-grad", "aes"]);
+    assert_eq!(ids, ["recipe", "dsg", "clean-grad", "aes"]);
     assert_eq!(all[0].recipe, base);
     let Recipe::PixelCfg(p) = &all[1].recipe else {
         panic!()
@@ -250,12 +250,27 @@ fn variants_follow_the_recipe() {
     };
     assert!(p.early_stop.enabled());
 
-    // Without the mask, `no-dsg` does not apply: skipped by default, an error when asked for.
+    // Without the mask, `dsg` adds it (the old id `no-dsg` is the same toggle).
     let mut plain = base.clone();
     if let Recipe::PixelCfg(p) = &mut plain {
         p.use_cam = false;
     }
-    assert_eq!(variants(&plain, &[]).unwrap().len(), 3);
-    assert!(variants(&plain, &["no-dsg".into()]).is_err());
+    for id in ["dsg", "no-dsg"] {
+        let v = variants(&plain, &[id.into()]).unwrap();
+        let Recipe::PixelCfg(p) = &v[1].recipe else {
+            panic!()
+        };
+        assert!(p.use_cam, "{id}");
+        assert_eq!(v[1].name, "DiffGuard + DSG mask");
+    }
+    // The latent recipe (no mask, no classifier guidance, no early stop) gets only the mask.
+    let latent = diffguard_engine::bundle::Manifest::tiny_latent(10).recipe;
+    let ids: Vec<String> = variants(&latent, &[])
+        .unwrap()
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(ids, ["recipe", "dsg"]);
+    assert!(variants(&latent, &["aes".into()]).is_err());
     assert!(variants(&base, &["bogus".into()]).is_err());
 }

@@ -1,6 +1,6 @@
 //! DiffGuard variants evaluated next to the bundle's own recipe: the same networks under a recipe
-//! override (without the DSG mask, with Clean Grad classifier guidance, with/without adaptive
-//! early stop), so an evaluation shows what each part of the recipe contributes.
+//! override (with/without the DSG mask, with Clean Grad classifier guidance, with/without
+//! adaptive early stop), so an evaluation shows what each part of the recipe contributes.
 
 use crate::early_stop::EarlyStop;
 use crate::recipe::Recipe;
@@ -12,7 +12,10 @@ const CLEAN_GRAD_SCALE: f64 = 3.0;
 const AES_PSNR: f64 = 48.5;
 
 /// Every variant id, in report order.
-pub const VARIANT_IDS: [&str; 4] = ["recipe", "no-dsg", "clean-grad", "aes"];
+pub const VARIANT_IDS: [&str; 4] = ["recipe", "dsg", "clean-grad", "aes"];
+
+/// The id `dsg` had when it could only remove the mask; still accepted.
+const DSG_ALIAS: &str = "no-dsg";
 
 /// A named recipe override.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,20 +27,16 @@ pub struct Variant {
     pub recipe: Recipe,
 }
 
-/// The override `id` of `base`, or `None` where it does not apply (e.g. `no-dsg` on a recipe
-/// without the mask, `clean-grad` on one that already guides with the classifier).
+/// The override `id` of `base`, or `None` where it does not apply (e.g. `dsg` on the GDM recipe,
+/// which has no classifier-free guidance to mask, `clean-grad` on one that already guides with
+/// the classifier).
 pub fn variant(base: &Recipe, id: &str) -> Result<Option<Variant>> {
+    let id = if id == DSG_ALIAS { "dsg" } else { id };
     let mut r = base.clone();
     let name = match (id, &mut r) {
         ("recipe", _) => "DiffGuard".to_string(),
-        ("no-dsg", Recipe::PixelCfg(p)) if p.use_cam => {
-            p.use_cam = false;
-            "DiffGuard w/o DSG mask".into()
-        }
-        ("no-dsg", Recipe::Ldm(l)) if l.use_cam => {
-            l.use_cam = false;
-            "DiffGuard w/o DSG mask".into()
-        }
+        ("dsg", Recipe::PixelCfg(p)) => toggle_dsg(&mut p.use_cam),
+        ("dsg", Recipe::Ldm(l)) => toggle_dsg(&mut l.use_cam),
         ("clean-grad", Recipe::PixelCfg(p)) if p.classifier_scale == 0.0 => {
             p.classifier_scale = CLEAN_GRAD_SCALE;
             format!("DiffGuard + Clean Grad (s={CLEAN_GRAD_SCALE})")
@@ -57,6 +56,16 @@ pub fn variant(base: &Recipe, id: &str) -> Result<Option<Variant>> {
         name,
         recipe: r,
     }))
+}
+
+/// Flips the Grad-CAM (DSG) mask on the CFG steps. Returns the row name.
+fn toggle_dsg(use_cam: &mut bool) -> String {
+    *use_cam = !*use_cam;
+    if *use_cam {
+        "DiffGuard + DSG mask".into()
+    } else {
+        "DiffGuard w/o DSG mask".into()
+    }
 }
 
 /// Flips adaptive early stop: off when the recipe has it, PSNR-only at the paper's threshold when

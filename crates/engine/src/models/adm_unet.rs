@@ -343,7 +343,11 @@ impl UNetModel {
             let skip = hs.pop().ok_or_else(|| {
                 EngineError::Config("UNet skip stack underflow in forward".into())
             })?;
-            h = run_block(block, &Tensor::cat(&[&h, &skip], 1)?, &emb, context)?;
+            // The concatenation replaces `h` and the skip is dropped before the block runs, so
+            // neither stays alive beside the block's activations (as in PyTorch).
+            h = Tensor::cat(&[&h, &skip], 1)?;
+            drop(skip);
+            h = run_block(block, &h, &emb, context)?;
             record(&h);
         }
         let h = self.out_norm.forward_silu(&h)?;

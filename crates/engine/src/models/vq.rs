@@ -161,8 +161,9 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = apply(&self.conv1, &self.norm1.forward_silu(x)?)?;
-        let h = apply(&self.conv2, &self.norm2.forward_silu(&h)?)?;
+        // Reassigned, not shadowed, so each stage is freed once the next exists (see ResBlock).
+        let mut h = apply(&self.conv1, &self.norm1.forward_silu(x)?)?;
+        h = apply(&self.conv2, &self.norm2.forward_silu(&h)?)?;
         let skip = match &self.nin_shortcut {
             Some(c) => apply(c, x)?,
             None => x.clone(),
