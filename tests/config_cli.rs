@@ -181,16 +181,14 @@ fn cli_demo_prints_a_verdict_table() {
     ] {
         assert!(stdout.contains(name), "{name} missing:\n{stdout}");
     }
-    // Until the engine is wired in, the build's detector is the honest placeholder.
-    if stdout.contains("placeholder") {
-        assert!(
-            stdout
-                .lines()
-                .filter(|l| l.starts_with("fashion-") || l.starts_with("mnist-"))
-                .all(|l| l.contains("unverified")),
-            "{stdout}"
-        );
-    }
+    // The default bundle's detector scores every image: no row is left unverified.
+    assert!(
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("fashion-") || l.starts_with("mnist-"))
+            .all(|l| l.contains("in-distribution") || l.contains(" ood ")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

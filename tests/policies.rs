@@ -331,24 +331,42 @@ async fn ops_endpoints() {
     ] {
         assert!(m.contains(name), "{name} missing from /metrics");
     }
-    // The placeholder detector is honest about not being ready.
-    let unwired = start(
-        &up,
-        "flag",
-        "open",
-        1_000,
-        Arc::new(diffguard::guard::UnwiredDetector),
-    )
-    .await;
-    assert_eq!(unwired.ops("/readyz").await.status, 503);
-    let r = unwired.post("/predictions/m", "image/png", dark()).await;
+    // A detector whose models are not usable says so on /readyz, and its verdicts are
+    // `unverified` with its reason.
+    let unready = start(&up, "flag", "open", 1_000, Arc::new(NotReady)).await;
+    assert_eq!(unready.ops("/readyz").await.status, 503);
+    let r = unready.post("/predictions/m", "image/png", dark()).await;
     assert_eq!(r.h("diffguard-verdict"), Some("unverified"));
     assert!(
         r.json()["diffguard"]["instances"][0]["reason"]
             .as_str()
             .unwrap()
-            .contains("not wired")
+            .contains("models not loaded")
     );
+}
+
+/// A detector whose models are not loaded: not ready, every job fails with the reason.
+struct NotReady;
+
+impl diffguard::guard::Detector for NotReady {
+    fn fingerprint(&self) -> String {
+        "not-ready".into()
+    }
+    fn ready(&self) -> bool {
+        false
+    }
+    fn score(
+        &self,
+        jobs: &[diffguard::guard::Job],
+    ) -> Vec<Result<diffguard::guard::Score, diffguard::guard::DetectorError>> {
+        jobs.iter()
+            .map(|_| {
+                Err(diffguard::guard::DetectorError::Unavailable(
+                    "models not loaded".into(),
+                ))
+            })
+            .collect()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -106,26 +106,3 @@ pub fn build_detector(cfg: &DetectorConfig) -> Result<Arc<dyn Detector>, Detecto
         ))),
     }
 }
-
-/// Stand-in until the DiffGuard engine is wired in: honestly scores nothing, so every verdict is
-/// `unverified` with the reason below.
-#[derive(Debug, Default)]
-pub struct UnwiredDetector;
-
-impl Detector for UnwiredDetector {
-    fn fingerprint(&self) -> String {
-        "unwired".into()
-    }
-    fn ready(&self) -> bool {
-        false
-    }
-    fn score(&self, jobs: &[Job]) -> Vec<Result<Score, DetectorError>> {
-        jobs.iter()
-            .map(|_| {
-                Err(DetectorError::Unavailable(
-                    "DiffGuard engine not wired into this build".into(),
-                ))
-            })
-            .collect()
-    }
-}
