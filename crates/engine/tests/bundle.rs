@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use candle_core::Device;
 use diffguard_engine::bundle::{Bundle, Manifest, write_untrained};
 use diffguard_engine::data::{FashionSplit, PixelRange, data_dir, fashion_mnist};
-use diffguard_engine::recipe::{LdmRecipe, Recipe};
+use diffguard_engine::recipe::{LdmRecipe, Recipe, Reference};
 
 fn tiny_manifest() -> Manifest {
     // A short trajectory keeps the test fast: 10 DDIM steps, 6 of them inverted.
@@ -131,8 +131,15 @@ fn latent_bundle_scores_in_latent_space() {
             inversion_steps: None,
             ..own
         });
-        // Null-label inversion: 1 row per level; CFG sampling: 2 rows per level; encode + decode;
-        // the input's and the synthesis' logits.
+        // Null-label inversion: 1 row per level; CFG sampling: 2 rows per level, plus 1 for the
+        // unguided reference branch; encode + decode (+ the reference's decode); logits of the
+        // input (no label given: the classifier's own prediction), the synthesis and the
+        // reference.
+        assert_eq!(
+            own.reference,
+            Reference::Unguided,
+            "the own-latent recipe compares with the unguided reconstruction"
+        );
         for (detector, depth) in [
             (bundle.detector.with_recipe(full).unwrap(), steps),
             (
@@ -147,9 +154,9 @@ fn latent_bundle_scores_in_latent_space() {
                 assert!(r.score.is_finite() && r.score <= 0.0, "score {}", r.score);
                 assert_eq!(r.synthesis.dims(), &[1, 28, 28]);
                 assert_eq!(r.latent.dims(), &[3, 7, 7]);
-                assert_eq!(r.nfe.denoiser, 3 * depth);
-                assert_eq!(r.nfe.autoencoder, 2);
-                assert_eq!(r.nfe.classifier_forward, 2);
+                assert_eq!(r.nfe.denoiser, 4 * depth);
+                assert_eq!(r.nfe.autoencoder, 3);
+                assert_eq!(r.nfe.classifier_forward, 3);
                 assert_eq!(r.start_index, depth - 1);
             }
         }
