@@ -95,13 +95,24 @@ fn transform_input<T: Real>(p: &Tiles, x: &[T], v: &mut [T], tiles: Range<usize>
         for t in tiles.clone() {
             let (y0, x0) = (2 * (t / tw), 2 * (t % tw));
             let mut d = [[zero; 4]; 4];
-            for (i, row) in d.iter_mut().enumerate() {
-                let Some(iy) = (y0 + i).checked_sub(p.pad).filter(|&iy| iy < p.h) else {
-                    continue;
-                };
-                for (j, v) in row.iter_mut().enumerate() {
-                    if let Some(ix) = (x0 + j).checked_sub(p.pad).filter(|&ix| ix < p.w) {
-                        *v = img[iy * p.w + ix];
+            let interior =
+                y0 >= p.pad && x0 >= p.pad && y0 + 4 <= p.h + p.pad && x0 + 4 <= p.w + p.pad;
+            if interior {
+                // Most tiles: four whole rows of the image, no padding to test per element.
+                let origin = (y0 - p.pad) * p.w + (x0 - p.pad);
+                for (i, row) in d.iter_mut().enumerate() {
+                    let at = origin + i * p.w;
+                    row.copy_from_slice(&img[at..at + 4]);
+                }
+            } else {
+                for (i, row) in d.iter_mut().enumerate() {
+                    let Some(iy) = (y0 + i).checked_sub(p.pad).filter(|&iy| iy < p.h) else {
+                        continue;
+                    };
+                    for (j, v) in row.iter_mut().enumerate() {
+                        if let Some(ix) = (x0 + j).checked_sub(p.pad).filter(|&ix| ix < p.w) {
+                            *v = img[iy * p.w + ix];
+                        }
                     }
                 }
             }
