@@ -3,9 +3,9 @@
 //! `examples/upstream.rs` and docker-compose.
 //!
 //! The model is the project's trained Fashion-MNIST ResNet from the default bundle
-//! (`models/fashion-mnist-latent`, or `$DIFFGUARD_BUNDLE`). If that bundle cannot be loaded, the upstream
-//! falls back to a nearest-centroid classifier whose centroids are the class means of the 60,000
-//! Fashion-MNIST training images (`examples/assets/centroids.png`, made by
+//! (`models/fashion-mnist-latent`, or `$DIFFGUARD_BUNDLE`). If that bundle cannot be loaded, the
+//! upstream falls back to a nearest-centroid classifier whose centroids are the class means of the
+//! 60,000 Fashion-MNIST training images (`examples/assets/centroids.png`, made by
 //! `examples/make_assets.rs`) and says so on stderr. Both sit behind [`Classifier`].
 
 use std::path::{Path, PathBuf};

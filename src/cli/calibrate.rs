@@ -12,7 +12,8 @@ use diffguard_engine::eval::calibration::{
 /// Flags of `diffguard calibrate`.
 #[derive(Debug, Clone, Args)]
 pub struct CalibrateArgs {
-    /// Bundle folder (bundle.json + weights); defaults to the project's models/fashion-mnist-latent.
+    /// Bundle folder (bundle.json + weights); defaults to the project's
+    /// models/fashion-mnist-latent.
     #[arg(long, env = "DIFFGUARD_BUNDLE")]
     pub bundle: Option<PathBuf>,
     /// Data folder filled by scripts/fetch-data.sh.

@@ -11,7 +11,8 @@ use diffguard_engine::eval::run::{EvalConfig, evaluate};
 /// Flags of `diffguard eval`.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Bundle folder (bundle.json + weights); defaults to the project's models/fashion-mnist-latent.
+    /// Bundle folder (bundle.json + weights); defaults to the project's
+    /// models/fashion-mnist-latent.
     #[arg(long, env = "DIFFGUARD_BUNDLE")]
     pub bundle: Option<PathBuf>,
     /// Data folder filled by scripts/fetch-data.sh (fashion-mnist/, mnist/, animal-mnist/).

@@ -441,15 +441,7 @@ fn denoiser_of(
             Checkpoint::open(&path)?.load(opts, |vb| PixelUNet::new(vb, declared.clone()))?;
         return Ok((unet, path));
     }
-    let unet = diffusers::load(&path, opts.dtype, &opts.device)?;
-    if unet.config() != declared {
-        return Err(EngineError::Config(format!(
-            "{}: denoiser.pixel_unet is {declared:?} but the diffusers folder {} holds {:?}",
-            dir.join(MANIFEST).display(),
-            path.display(),
-            unet.config()
-        )));
-    }
+    let unet = diffusers::load_declared(&path, declared, opts.dtype, &opts.device)?;
     Ok((unet, path.join(diffusers::WEIGHTS_FILE)))
 }
 

@@ -671,19 +671,12 @@ fn verify_part(ck: &Checkpoint, part: &Part, path: &Path) -> Result<Option<PartM
     Ok(None)
 }
 
-/// A diffusers folder is checked by loading it: its `config.json` must translate to the declared
-/// pixel UNet and its tensors must all be used.
+/// A diffusers folder is checked by loading it as the bundle would: its `config.json` must
+/// translate to the declared pixel UNet and its tensors must all be used.
 fn verify_diffusers(weights: &Path, declared: &PixelUNetConfig) -> Verification {
     let folder = weights.parent().unwrap_or(Path::new("."));
-    match diffusers::load(folder, DType::F32, &Device::Cpu) {
-        Ok(unet) if unet.config() == declared => Verification::Ok,
-        Ok(unet) => Verification::Unreadable {
-            error: format!(
-                "{} describes {:?}, bundle.json declares {declared:?}",
-                folder.join(diffusers::CONFIG_FILE).display(),
-                unet.config()
-            ),
-        },
+    match diffusers::load_declared(folder, declared, DType::F32, &Device::Cpu) {
+        Ok(_) => Verification::Ok,
         Err(e) => Verification::Unreadable {
             error: e.to_string(),
         },

@@ -595,9 +595,40 @@ pub fn is_model_folder(path: &Path) -> bool {
 /// UNet's family is an error naming the key; missing, unexpected or wrongly shaped tensors are
 /// listed by name (ADM names for what the network needed, diffusers names for what was left).
 pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<PixelUNet> {
-    let config = UNet2DConfig::read(dir)?
+    load_config(dir, config_of(dir)?, dtype, device)
+}
+
+/// [`load`] for a bundle that declares the architecture: the folder's `config.json` must
+/// translate to exactly `declared`, checked before any tensor is read.
+pub fn load_declared(
+    dir: &Path,
+    declared: &PixelUNetConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<PixelUNet> {
+    let config = config_of(dir)?;
+    if &config != declared {
+        return Err(EngineError::Config(format!(
+            "denoiser.pixel_unet is {declared:?} but the diffusers folder {} holds {config:?}",
+            dir.display()
+        )));
+    }
+    load_config(dir, config, dtype, device)
+}
+
+/// The pixel UNet `dir/config.json` describes, or an error naming the key that rules it out.
+fn config_of(dir: &Path) -> Result<PixelUNetConfig> {
+    UNet2DConfig::read(dir)?
         .pixel_unet()
-        .map_err(|e| EngineError::Config(format!("{}: {e}", dir.join(CONFIG_FILE).display())))?;
+        .map_err(|e| EngineError::Config(format!("{}: {e}", dir.join(CONFIG_FILE).display())))
+}
+
+fn load_config(
+    dir: &Path,
+    config: PixelUNetConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<PixelUNet> {
     let weights = dir.join(WEIGHTS_FILE);
     if !weights.is_file() {
         return Err(EngineError::Io {
