@@ -65,6 +65,20 @@ impl GroupNorm {
         self.run(x, true)
     }
 
+    /// `SiLU((GN(x)·γ + β)·(1 + scale) + shift)` with `scale_shift (B, 2C)` = `[scale | shift]`,
+    /// in one pass on the CPU (the scale-shift ResBlock's `out_layers` up to the convolution).
+    pub fn forward_modulated_silu(&self, x: &Tensor, scale_shift: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xs = cast(x, compute_dtype(dtype))?;
+        let (g, b) = (
+            cast(&self.gamma, xs.dtype())?,
+            cast(&self.beta, xs.dtype())?,
+        );
+        let ss = cast(scale_shift, xs.dtype())?;
+        let y = ops::norm::group_norm_modulated(&xs, self.groups, &g, &b, &ss, self.eps, true)?;
+        cast(&y, dtype)
+    }
+
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         let dtype = x.dtype();
         let xs = cast(x, compute_dtype(dtype))?;
@@ -302,21 +316,16 @@ pub fn qkv_attention_legacy(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     )
 }
 
-/// Nearest-neighbour ×2 upsampling as a broadcast (its backward sums the four copies, unlike
-/// candle's `upsample_nearest2d`).
+/// Nearest-neighbour ×2 upsampling (its backward sums the four copies, unlike candle's
+/// `upsample_nearest2d`).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    Ok(x.reshape((b, c, h, 1, w, 1))?
-        .broadcast_as((b, c, h, 2, w, 2))?
-        .reshape((b, c, 2 * h, 2 * w))?)
+    Ok(ops::resample2x::upsample_nearest2x(x)?)
 }
 
 /// 2×2 / stride-2 average pooling (`F.avg_pool2d(x, 2)`; odd trailing rows/columns are dropped
 /// like torch's floor mode).
 pub fn avg_pool2x(x: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let x = x.narrow(2, 0, h / 2 * 2)?.narrow(3, 0, w / 2 * 2)?;
-    Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?.mean(5)?.mean(3)?)
+    Ok(ops::resample2x::avg_pool2x(x)?)
 }
 
 /// Labels as a U32 index tensor.
@@ -377,7 +386,6 @@ pub struct ResBlock {
     skip: Option<Conv2d>,
     resample: Resample,
     scale_shift: bool,
-    cout: usize,
 }
 
 impl ResBlock {
@@ -404,7 +412,6 @@ impl ResBlock {
             skip,
             resample,
             scale_shift,
-            cout,
         })
     }
 
@@ -415,21 +422,15 @@ impl ResBlock {
     /// alive at once where PyTorch frees each as soon as the next exists.
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
         let e = self.emb_proj.forward(&silu(emb)?)?;
-        let e = e.reshape((e.dim(0)?, e.dim(1)?, 1, 1))?;
         let mut h = self.in_norm.forward_silu(x)?;
         h = self.resample.apply(&h)?;
         h = apply(&self.in_conv, &h)?;
         if self.scale_shift {
-            let scale = (e.narrow(1, 0, self.cout)? + 1.0)?;
-            let shift = e.narrow(1, self.cout, self.cout)?;
-            h = apply(&self.out_norm, &h)?;
-            h = h.broadcast_mul(&scale)?;
-            h = h.broadcast_add(&shift)?;
+            h = self.out_norm.forward_modulated_silu(&h, &e)?;
         } else {
-            h = h.broadcast_add(&e)?;
-            h = apply(&self.out_norm, &h)?;
+            h = h.broadcast_add(&e.reshape((e.dim(0)?, e.dim(1)?, 1, 1))?)?;
+            h = self.out_norm.forward_silu(&h)?;
         }
-        h = silu(&h)?;
         h = apply(&self.out_conv, &h)?;
         let x = self.resample.apply(x)?;
         let skip = match &self.skip {

@@ -6,5 +6,6 @@ pub mod conv;
 mod dense;
 pub mod norm;
 pub mod pool;
+pub mod resample2x;
 pub mod resize;
 mod winograd;

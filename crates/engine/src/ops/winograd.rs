@@ -6,7 +6,7 @@
 
 use std::ops::Range;
 
-use super::dense::{Mat, Parallelism, Real, gemm, with_scratch};
+use super::dense::{Mat, Parallelism, Real, gemm, simd_kernel, with_scratch};
 
 /// Scratch bound for one block of tiles (input and product transforms together). The transforms
 /// of a whole image are 4·(Cin + Cout)·H·W values — 805 MB for the 512 → 256-channel convs of
@@ -67,68 +67,100 @@ pub(crate) fn transform_weights<T: Real>(w: &[T], cout: usize, cin: usize) -> Ve
     u
 }
 
-/// Four columns of length R as R rows of length 4.
-#[inline(always)]
-fn transpose<T: Copy, const R: usize>(cols: [[T; R]; 4]) -> [[T; 4]; R] {
-    std::array::from_fn(|i| [cols[0][i], cols[1][i], cols[2][i], cols[3][i]])
-}
-
-/// Bᵀ·v for a length-4 column (Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]).
-#[inline(always)]
-fn bt<T: Real>(d: [T; 4]) -> [T; 4] {
-    [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
-}
-
-/// Aᵀ·v for a length-4 column (Aᵀ = [1 1 1 0; 0 1 −1 −1]).
-#[inline(always)]
-fn at<T: Real>(m: [T; 4]) -> [T; 2] {
-    [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+/// The tiles of `tiles` by tile row: (tile row, first tile column, tile count, offset of the
+/// first of them in the block).
+fn tile_rows(tw: usize, tiles: Range<usize>) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+    let t0 = tiles.start;
+    let rows = if tiles.is_empty() {
+        0..0
+    } else {
+        t0 / tw..(tiles.end - 1) / tw + 1
+    };
+    rows.map(move |ty| {
+        let k0 = (ty * tw).max(t0) - ty * tw;
+        let k1 = ((ty + 1) * tw).min(tiles.end) - ty * tw;
+        (ty, k0, k1 - k0, ty * tw + k0 - t0)
+    })
 }
 
 /// V[ξ][ci][t − t0] = (Bᵀ·d·B)[ξ] for the 4×4 input patch d of each tile t of `tiles` (zero
-/// outside the image).
+/// outside the image). Works a tile row at a time on whole image rows, so that every loop runs
+/// over consecutive tiles and vectorises: Bᵀ·(4 rows) as row arithmetic, then ·B across columns
+/// (adjacent tiles overlap by two columns) into the 16 contiguous runs of V.
 fn transform_input<T: Real>(p: &Tiles, x: &[T], v: &mut [T], tiles: Range<usize>) {
     let zero = T::from_f64(0.0);
-    let (tw, nt, t0) = (p.tw(), tiles.len(), tiles.start);
+    let (tw, nt) = (p.tw(), tiles.len());
     let stride = p.cin * nt;
+    // Padded columns under a tile row: tile k covers 2k .. 2k + 4.
+    let pw = 2 * tw + 2;
+    let mut rows = vec![zero; 4 * pw];
+    let mut tr = vec![zero; 4 * pw];
     for (ci, img) in x.chunks_exact(p.h * p.w).enumerate().take(p.cin) {
-        for t in tiles.clone() {
-            let (y0, x0) = (2 * (t / tw), 2 * (t % tw));
-            let mut d = [[zero; 4]; 4];
-            let interior =
-                y0 >= p.pad && x0 >= p.pad && y0 + 4 <= p.h + p.pad && x0 + 4 <= p.w + p.pad;
-            if interior {
-                // Most tiles: four whole rows of the image, no padding to test per element.
-                let origin = (y0 - p.pad) * p.w + (x0 - p.pad);
-                for (i, row) in d.iter_mut().enumerate() {
-                    let at = origin + i * p.w;
-                    row.copy_from_slice(&img[at..at + 4]);
-                }
-            } else {
-                for (i, row) in d.iter_mut().enumerate() {
-                    let Some(iy) = (y0 + i).checked_sub(p.pad).filter(|&iy| iy < p.h) else {
-                        continue;
-                    };
-                    for (j, v) in row.iter_mut().enumerate() {
-                        if let Some(ix) = (x0 + j).checked_sub(p.pad).filter(|&ix| ix < p.w) {
-                            *v = img[iy * p.w + ix];
-                        }
-                    }
-                }
+        for (ty, k0, n, off) in tile_rows(tw, tiles.clone()) {
+            for (i, row) in rows.chunks_exact_mut(pw).enumerate() {
+                row.fill(zero);
+                let Some(iy) = (2 * ty + i).checked_sub(p.pad).filter(|&iy| iy < p.h) else {
+                    continue;
+                };
+                // Image column ix sits at padded column ix + pad.
+                let len = p.w.min(pw - p.pad);
+                row[p.pad..p.pad + len].copy_from_slice(&img[iy * p.w..iy * p.w + len]);
             }
-            // Bᵀ·d column by column, then (·)·B row by row.
-            let cols: [[T; 4]; 4] =
-                std::array::from_fn(|c| bt([d[0][c], d[1][c], d[2][c], d[3][c]]));
-            for (i, row) in transpose(cols).into_iter().enumerate() {
-                for (j, val) in bt(row).into_iter().enumerate() {
-                    v[(i * 4 + j) * stride + ci * nt + t - t0] = val;
-                }
+            let cols = 2 * k0..2 * (k0 + n) + 2;
+            input_tile_row(&rows, &mut tr, pw, cols, v, stride, ci * nt + off);
+        }
+    }
+}
+
+simd_kernel! {
+    /// One tile row of one channel: `rows` the four padded image rows (`pw` each), `tr` scratch of
+    /// the same size, `cols` the padded columns of the row's tiles; writes V[ξ][base + k].
+    fn input_tile_row<T>(
+        rows: &[T],
+        tr: &mut [T],
+        pw: usize,
+        cols: Range<usize>,
+        v: &mut [T],
+        stride: usize,
+        base: usize,
+    ) {
+        let r: [&[T]; 4] = std::array::from_fn(|i| &rows[i * pw + cols.start..i * pw + cols.end]);
+        let (t0, rest) = tr.split_at_mut(pw);
+        let (t1, rest) = rest.split_at_mut(pw);
+        let (t2, t3) = rest.split_at_mut(pw);
+        let len = cols.len();
+        let (t0, t1, t2, t3) = (&mut t0[..len], &mut t1[..len], &mut t2[..len], &mut t3[..len]);
+        // Bᵀ·d (Bᵀ = [1 0 −1 0; 0 1 1 0; 0 −1 1 0; 0 1 0 −1]) for every column at once.
+        for c in 0..len {
+            let (a, b, d, e) = (r[0][c], r[1][c], r[2][c], r[3][c]);
+            t0[c] = a - d;
+            t1[c] = b + d;
+            t2[c] = d - b;
+            t3[c] = b - e;
+        }
+        let n = (len - 2) / 2;
+        for (i, t) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
+            let rest = &mut v[4 * i * stride + base..];
+            let (o0, rest) = rest.split_at_mut(stride);
+            let (o1, rest) = rest.split_at_mut(stride);
+            let (o2, o3) = rest.split_at_mut(stride);
+            let outs = o0[..n].iter_mut().zip(&mut o1[..n]).zip(&mut o2[..n]).zip(&mut o3[..n]);
+            // (·)·B: tile k's columns are t[2k..2k + 4].
+            let cols = t.chunks_exact(2).zip(t[2..].chunks_exact(2));
+            for ((((o0, o1), o2), o3), (ab, cd)) in outs.zip(cols) {
+                let (a, b, c, d) = (ab[0], ab[1], cd[0], cd[1]);
+                *o0 = a - c;
+                *o1 = b + c;
+                *o2 = c - b;
+                *o3 = b - d;
             }
         }
     }
 }
 
-/// y (+)= Aᵀ·M·A for each tile of `tiles`, cropped to the output size.
+/// y (+)= Aᵀ·M·A for each tile of `tiles`, cropped to the output size. A channel's M[ξ] are
+/// contiguous over all its tiles, so the arithmetic runs over the whole block at once (tile rows
+/// are short at these image sizes: 14 tiles at 28²); only the placement goes row by row.
 fn transform_output<T: Real>(
     p: &Tiles,
     m: &[T],
@@ -136,27 +168,68 @@ fn transform_output<T: Real>(
     accumulate: bool,
     tiles: Range<usize>,
 ) {
-    let (tw, nt, t0) = (p.tw(), tiles.len(), tiles.start);
+    let zero = T::from_f64(0.0);
+    let (tw, nt) = (p.tw(), tiles.len());
     let stride = p.cout * nt;
+    let mut scratch = vec![zero; 12 * nt];
     for (co, out) in y.chunks_exact_mut(p.ho * p.wo).enumerate().take(p.cout) {
-        for t in tiles.clone() {
-            let (y0, x0) = (2 * (t / tw), 2 * (t % tw));
-            let g = |xi: usize| m[xi * stride + co * nt + t - t0];
-            // Aᵀ·M column by column, then (·)·A row by row.
-            let cols: [[T; 2]; 4] =
-                std::array::from_fn(|c| at([g(c), g(4 + c), g(8 + c), g(12 + c)]));
-            for (i, row) in transpose(cols).into_iter().enumerate() {
-                let oy = y0 + i;
+        let (s, q) = scratch.split_at_mut(8 * nt);
+        output_tiles(m, stride, co * nt, nt, s, q);
+        let q: [&[T]; 4] = std::array::from_fn(|i| &q[i * nt..(i + 1) * nt]);
+        for (ty, k0, n, off) in tile_rows(tw, tiles.clone()) {
+            let x0 = 2 * k0;
+            let width = (2 * n).min(p.wo - x0);
+            for i in 0..2 {
+                let oy = 2 * ty + i;
                 if oy >= p.ho {
                     continue;
                 }
-                for (j, val) in at(row).into_iter().enumerate() {
-                    let ox = x0 + j;
-                    if ox < p.wo {
-                        let o = &mut out[oy * p.wo + ox];
-                        *o = if accumulate { *o + val } else { val };
+                let (even, odd) = (&q[2 * i][off..off + n], &q[2 * i + 1][off..off + n]);
+                let dst = &mut out[oy * p.wo + x0..oy * p.wo + x0 + width];
+                let mut pairs = dst.chunks_exact_mut(2);
+                for ((d, &e), &o) in (&mut pairs).zip(even).zip(odd) {
+                    if accumulate {
+                        d[0] += e;
+                        d[1] += o;
+                    } else {
+                        d[0] = e;
+                        d[1] = o;
                     }
                 }
+                // An odd output width: the last tile's right column hangs over.
+                if let [last] = pairs.into_remainder() {
+                    let e = even[width / 2];
+                    *last = if accumulate { *last + e } else { e };
+                }
+            }
+        }
+    }
+}
+
+simd_kernel! {
+    /// Aᵀ·M·A (Aᵀ = [1 1 1 0; 0 1 −1 −1]) of `n` consecutive tiles whose M[ξ] sit at
+    /// `m[ξ·stride + base + k]`: the 2×2 outputs into `q = [y00 | y01 | y10 | y11]` (n each),
+    /// through `s` (8n: the column sums Aᵀ·M).
+    fn output_tiles<T>(m: &[T], stride: usize, base: usize, n: usize, s: &mut [T], q: &mut [T]) {
+        let g = |xi: usize| &m[xi * stride + base..xi * stride + base + n];
+        let (s0, s1) = s.split_at_mut(4 * n);
+        for c in 0..4 {
+            let (a, b, d, e) = (g(c), g(4 + c), g(8 + c), g(12 + c));
+            let rows = s0[c * n..(c + 1) * n].iter_mut().zip(&mut s1[c * n..(c + 1) * n]);
+            for ((s0, s1), (((&a, &b), &d), &e)) in rows.zip(a.iter().zip(b).zip(d).zip(e)) {
+                *s0 = a + b + d;
+                *s1 = b - d - e;
+            }
+        }
+        let (q0, rest) = q.split_at_mut(n);
+        let (q1, rest) = rest.split_at_mut(n);
+        let (q2, q3) = rest.split_at_mut(n);
+        for (s, (even, odd)) in [(&*s0, (q0, q1)), (&*s1, (q2, q3))] {
+            let (c0, c1, c2, c3) = (&s[..n], &s[n..2 * n], &s[2 * n..3 * n], &s[3 * n..4 * n]);
+            let cols = c0.iter().zip(c1).zip(c2).zip(c3);
+            for ((e, o), (((&a, &b), &d), &f)) in even.iter_mut().zip(odd.iter_mut()).zip(cols) {
+                *e = a + b + d;
+                *o = b - d - f;
             }
         }
     }
