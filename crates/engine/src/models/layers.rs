@@ -216,10 +216,7 @@ impl Linear {
         let flat = x.contiguous()?.reshape((rows, cin))?;
         let cout = self.weight.dim(0)?;
         let w = self.weight.reshape((cout, cin))?;
-        let mut y = flat.matmul(&w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let y = ops::linear::linear(&flat, &w, self.bias.as_ref())?;
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
             *last = cout;

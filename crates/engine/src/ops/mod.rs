@@ -4,6 +4,7 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 mod dense;
+pub mod linear;
 pub mod norm;
 pub mod pool;
 pub mod resample2x;
