@@ -130,14 +130,18 @@ def models():
                     self.register_buffer(f"pool{i}", k.expand(c_in, 1, 3, 3).contiguous())
 
         def forward(self, x01):
+            # Every stage's output is kept, as DISTS (piq) keeps them for its statistics and as the
+            # engine's `forward_stages` returns them; the last one is the result.
             h = (x01 - self.mean) / self.std
+            stages = []
             for i, convs in enumerate(self.stages):
                 if i:
                     kern = getattr(self, f"pool{i}")
                     h = torch.sqrt(F.conv2d(h * h, kern, stride=2, padding=1, groups=h.shape[1]) + 1e-12)
                 for c in convs:
                     h = F.relu(c(h))
-            return h
+                stages.append(h)
+            return stages[-1]
 
     class LdmResBlock(nn.Module):
         """openaimodel ResBlock as cin256-v2 uses it: no scale-shift norm, additive embedding."""

@@ -7,13 +7,15 @@ use candle_core::{DType, Result, Tensor};
 use diffguard_engine::ops::conv::conv2d;
 use ops_common::{autograd, check_grads, randn, rel_err};
 
-/// (batch, cin, cout, h, w, k, stride, pad). Stride-1 3×3 cases with ≥ 16 channels both ways run
-/// the Winograd path (odd output sizes, so the 2×2 tiles overhang the image); the others im2col.
+/// (batch, cin, cout, h, w, k, stride, pad). Stride-1 3×3 cases with ≥ 16 channels both ways and
+/// ≥ 64 output tiles over the batch run the Winograd path (odd output sizes, so the 2×2 tiles
+/// overhang the image: cases 1 and 2); the others im2col (the last case: channels enough, tiles
+/// too few).
 type Case = (usize, usize, usize, usize, usize, usize, usize, usize);
 const CASES: &[Case] = &[
     (1, 3, 65, 7, 9, 3, 1, 1),
-    (2, 17, 65, 7, 9, 3, 1, 1),
-    (1, 65, 16, 5, 6, 3, 1, 0),
+    (2, 17, 65, 15, 17, 3, 1, 1),
+    (1, 65, 16, 17, 18, 3, 1, 0),
     (7, 65, 3, 5, 7, 3, 1, 1),
     (2, 5, 6, 9, 7, 3, 2, 1),
     (1, 4, 3, 8, 8, 3, 2, 1),
@@ -24,6 +26,7 @@ const CASES: &[Case] = &[
     // 5×5: im2col forward and col2im input grad, including stride 2.
     (2, 3, 4, 7, 6, 5, 1, 2),
     (2, 3, 4, 7, 9, 5, 2, 1),
+    (1, 16, 17, 5, 6, 3, 1, 1),
 ];
 
 fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {

@@ -41,6 +41,13 @@ pub fn conv2d(
 
 /// Below this many input or output channels a 3×3 conv uses im2col rather than Winograd.
 const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// Fewest 2×2 output tiles (over the batch) that pay for the weight transform: it writes 16 values
+/// per (cout, cin) pair on every call, which at the 4² and 2² levels of ADM-256 (1024 channels,
+/// 1–4 tiles at batch 1) cost more than the convolution. From 64 tiles up it is amortised:
+/// ADM-256's UNet at 64² −28 % forward time and half the peak, LDM −7 %, nets whose smallest
+/// level still has ≥ 64 tiles unchanged (`bench_networks`, 1 thread, thresholds 1 / 16 / 64 /
+/// 256 / 1024 / ∞ compared).
+const WINOGRAD_MIN_TILES: usize = 64;
 
 /// Shapes of one convolution.
 #[derive(Clone, Copy, Debug)]
@@ -97,11 +104,14 @@ impl Geom {
     fn out_len(&self) -> usize {
         self.cout * self.n()
     }
-    /// The Winograd F(2×2, 3×3) plan when this conv is 3×3 with stride 1 and wide enough: its
-    /// tile transforms cost O(C) per tile against the gemm's O(Cin·Cout), so with few channels
-    /// (the 3-channel stem, measured 2.4× slower than im2col) im2col wins.
+    /// The Winograd F(2×2, 3×3) plan when this conv is 3×3 with stride 1, wide enough and has
+    /// enough tiles: its tile transforms cost O(C) per tile against the gemm's O(Cin·Cout), so
+    /// with few channels (the 3-channel stem, measured 2.4× slower than im2col) im2col wins, and
+    /// its weight transform needs [`WINOGRAD_MIN_TILES`] tiles to pay for itself.
     fn winograd(&self) -> Option<winograd::Tiles> {
         let wide = self.cin.min(self.cout) >= WINOGRAD_MIN_CHANNELS;
+        let tiles = self.batch * self.ho.div_ceil(2) * self.wo.div_ceil(2);
+        let wide = wide && tiles >= WINOGRAD_MIN_TILES;
         (self.kh == 3 && self.kw == 3 && self.stride == 1 && wide).then_some(winograd::Tiles {
             cin: self.cin,
             cout: self.cout,

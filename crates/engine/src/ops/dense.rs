@@ -242,15 +242,31 @@ impl<'a, T> Mat<'a, T> {
 
 /// `dst (m×n, row-major, contiguous) = a (m×k) · b (k×n)`, or `+=` when `accumulate`.
 pub(crate) fn gemm<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     dst: &mut [T],
     a: Mat<'_, T>,
     b: Mat<'_, T>,
     accumulate: bool,
     par: Parallelism,
 ) -> Result<()> {
-    if dst.len() < m * n {
-        bail!("gemm dst: {m}x{n} exceeds its {} elements", dst.len())
+    gemm_ld(mnk, dst, mnk.1, a, b, accumulate, par)
+}
+
+/// [`gemm`] into a `dst` whose rows are `ld ≥ n` elements apart.
+pub(crate) fn gemm_ld<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    ld: usize,
+    a: Mat<'_, T>,
+    b: Mat<'_, T>,
+    accumulate: bool,
+    par: Parallelism,
+) -> Result<()> {
+    if ld < n || (m > 0 && dst.len() < (m - 1) * ld + n) {
+        bail!(
+            "gemm dst: {m}x{n} (rows {ld} apart) exceeds its {} elements",
+            dst.len()
+        )
     }
     a.check(m, k, "lhs")?;
     b.check(k, n, "rhs")?;
@@ -259,7 +275,9 @@ pub(crate) fn gemm<T: WithDType>(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(T::from_f64(0.0));
+            for row in dst.chunks_mut(ld).take(m) {
+                row[..n].fill(T::from_f64(0.0));
+            }
         }
         return Ok(());
     }
@@ -273,7 +291,7 @@ pub(crate) fn gemm<T: WithDType>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            ld as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,

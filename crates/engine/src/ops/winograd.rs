@@ -6,7 +6,8 @@
 
 use std::ops::Range;
 
-use super::dense::{Mat, Parallelism, Real, gemm, simd_kernel, with_scratch};
+use super::dense::{Mat, Parallelism, Real, gemm_ld, simd_kernel, with_scratch};
+use rayon::prelude::*;
 
 /// Scratch bound for one block of tiles (input and product transforms together). The transforms
 /// of a whole image are 4·(Cin + Cout)·H·W values — 805 MB for the 512 → 256-channel convs of
@@ -83,19 +84,26 @@ fn tile_rows(tw: usize, tiles: Range<usize>) -> impl Iterator<Item = (usize, usi
     })
 }
 
-/// V[ξ][ci][t − t0] = (Bᵀ·d·B)[ξ] for the 4×4 input patch d of each tile t of `tiles` (zero
+/// V[ci][ξ][t − t0] = (Bᵀ·d·B)[ξ] for the 4×4 input patch d of each tile t of `tiles` (zero
 /// outside the image). Works a tile row at a time on whole image rows, so that every loop runs
 /// over consecutive tiles and vectorises: Bᵀ·(4 rows) as row arithmetic, then ·B across columns
-/// (adjacent tiles overlap by two columns) into the 16 contiguous runs of V.
-fn transform_input<T: Real>(p: &Tiles, x: &[T], v: &mut [T], tiles: Range<usize>) {
+/// (adjacent tiles overlap by two columns) into the 16 contiguous runs of the channel's V.
+/// Channel-major, so that channels go to different threads when `par` asks for threads.
+fn transform_input<T: Real>(
+    p: &Tiles,
+    x: &[T],
+    v: &mut [T],
+    tiles: Range<usize>,
+    par: Parallelism,
+) {
     let zero = T::from_f64(0.0);
     let (tw, nt) = (p.tw(), tiles.len());
-    let stride = p.cin * nt;
     // Padded columns under a tile row: tile k covers 2k .. 2k + 4.
     let pw = 2 * tw + 2;
-    let mut rows = vec![zero; 4 * pw];
-    let mut tr = vec![zero; 4 * pw];
-    for (ci, img) in x.chunks_exact(p.h * p.w).enumerate().take(p.cin) {
+    let x = &x[..p.cin * p.h * p.w];
+    per_channel(par, v, 16 * nt, x, p.h * p.w, |v, img| {
+        let mut rows = vec![zero; 4 * pw];
+        let mut tr = vec![zero; 4 * pw];
         for (ty, k0, n, off) in tile_rows(tw, tiles.clone()) {
             for (i, row) in rows.chunks_exact_mut(pw).enumerate() {
                 row.fill(zero);
@@ -107,8 +115,30 @@ fn transform_input<T: Real>(p: &Tiles, x: &[T], v: &mut [T], tiles: Range<usize>
                 row[p.pad..p.pad + len].copy_from_slice(&img[iy * p.w..iy * p.w + len]);
             }
             let cols = 2 * k0..2 * (k0 + n) + 2;
-            input_tile_row(&rows, &mut tr, pw, cols, v, stride, ci * nt + off);
+            input_tile_row(&rows, &mut tr, pw, cols, v, nt, off);
         }
+    });
+}
+
+/// `f(out chunk, input chunk)` for every channel, on the rayon pool unless `par` is `None`.
+fn per_channel<T: Real, U: Real>(
+    par: Parallelism,
+    out: &mut [T],
+    out_len: usize,
+    input: &[U],
+    in_len: usize,
+    f: impl Fn(&mut [T], &[U]) + Sync,
+) {
+    if matches!(par, Parallelism::None) {
+        let pairs = out
+            .chunks_exact_mut(out_len)
+            .zip(input.chunks_exact(in_len));
+        pairs.for_each(|(o, i)| f(o, i));
+    } else {
+        let pairs = out
+            .par_chunks_exact_mut(out_len)
+            .zip(input.par_chunks_exact(in_len));
+        pairs.for_each(|(o, i)| f(o, i));
     }
 }
 
@@ -158,23 +188,25 @@ simd_kernel! {
     }
 }
 
-/// y (+)= Aᵀ·M·A for each tile of `tiles`, cropped to the output size. A channel's M[ξ] are
-/// contiguous over all its tiles, so the arithmetic runs over the whole block at once (tile rows
-/// are short at these image sizes: 14 tiles at 28²); only the placement goes row by row.
+/// y (+)= Aᵀ·M·A for each tile of `tiles`, cropped to the output size, from M[co][ξ][t − t0]. A
+/// channel's M[ξ] are contiguous over all its tiles, so the arithmetic runs over the whole block
+/// at once (tile rows are short at these image sizes: 14 tiles at 28²); only the placement goes
+/// row by row. Channels go to different threads when `par` asks for threads.
 fn transform_output<T: Real>(
     p: &Tiles,
     m: &[T],
     y: &mut [T],
     accumulate: bool,
     tiles: Range<usize>,
+    par: Parallelism,
 ) {
     let zero = T::from_f64(0.0);
     let (tw, nt) = (p.tw(), tiles.len());
-    let stride = p.cout * nt;
-    let mut scratch = vec![zero; 12 * nt];
-    for (co, out) in y.chunks_exact_mut(p.ho * p.wo).enumerate().take(p.cout) {
+    let y = &mut y[..p.cout * p.ho * p.wo];
+    per_channel(par, y, p.ho * p.wo, m, 16 * nt, |out, m| {
+        let mut scratch = vec![zero; 12 * nt];
         let (s, q) = scratch.split_at_mut(8 * nt);
-        output_tiles(m, stride, co * nt, nt, s, q);
+        output_tiles(m, nt, 0, nt, s, q);
         let q: [&[T]; 4] = std::array::from_fn(|i| &q[i * nt..(i + 1) * nt]);
         for (ty, k0, n, off) in tile_rows(tw, tiles.clone()) {
             let x0 = 2 * k0;
@@ -203,7 +235,7 @@ fn transform_output<T: Real>(
                 }
             }
         }
-    }
+    });
 }
 
 simd_kernel! {
@@ -268,21 +300,16 @@ fn conv_blocks<T: Real>(
             let (vlen, mlen) = (16 * p.cin * nt, 16 * p.cout * nt);
             let (v, rest) = buf.split_at_mut(vlen);
             let m = &mut rest[..mlen];
-            transform_input(p, x, v, tiles.clone());
-            let (un, vn, mn) = (p.cout * p.cin, p.cin * nt, p.cout * nt);
+            transform_input(p, x, v, tiles.clone(), par);
+            // V and M are channel-major: V[ξ] is the (Cin × nt) matrix whose rows are 16·nt apart.
+            let un = p.cout * p.cin;
             for xi in 0..16 {
                 let um = Mat::rows(&u[xi * un..(xi + 1) * un], p.cin);
-                let vm = Mat::rows(&v[xi * vn..(xi + 1) * vn], nt);
-                gemm(
-                    (p.cout, nt, p.cin),
-                    &mut m[xi * mn..(xi + 1) * mn],
-                    um,
-                    vm,
-                    false,
-                    par,
-                )?;
+                let vm = Mat::rows(&v[xi * nt..], 16 * nt);
+                let dims = (p.cout, nt, p.cin);
+                gemm_ld(dims, &mut m[xi * nt..], 16 * nt, um, vm, false, par)?;
             }
-            transform_output(p, m, y, accumulate, tiles);
+            transform_output(p, m, y, accumulate, tiles, par);
         }
         Ok(())
     })
@@ -292,7 +319,8 @@ fn conv_blocks<T: Real>(
 mod tests {
     use super::*;
 
-    /// Blocks of tiles (uneven ones, and ones that split tile rows) give the whole-image result:
+    /// Blocks of tiles (uneven ones, and ones that split tile rows), and channels spread over
+    /// threads, give the single-threaded whole-image result:
     /// each output column is the same K-reduction whatever the gemm's width, so up to the gemm
     /// kernel's choice of micro-tile, 1e-6 of the output scale.
     #[test]
@@ -310,15 +338,18 @@ mod tests {
         let w: Vec<f32> = (0..p.cout * p.cin * 9).map(val).collect();
         let x: Vec<f32> = (0..p.cin * p.h * p.w).map(|i| val(i + 31)).collect();
         let u = transform_weights(&w, p.cout, p.cin);
-        let run = |block: usize| {
+        let run = |block: usize, par: Parallelism| {
             let mut y = vec![0.5f32; p.cout * p.ho * p.wo];
-            conv_blocks(&p, &u, &x, &mut y, true, Parallelism::None, block).unwrap();
+            conv_blocks(&p, &u, &x, &mut y, true, par, block).unwrap();
             y
         };
-        let whole = run(p.count());
+        let whole = run(p.count(), Parallelism::None);
         let scale = whole.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for block in [1, 4, 7, p.count() - 1, 10 * p.count()] {
-            let blocked = run(block);
+        let cases = [1, 4, 7, p.count() - 1, 10 * p.count()].map(|b| (b, Parallelism::None));
+        // Channels on the rayon pool, whole image and in blocks.
+        let threaded = [p.count(), 7].map(|b| (b, Parallelism::Rayon(2)));
+        for (block, par) in cases.into_iter().chain(threaded) {
+            let blocked = run(block, par);
             let err = whole
                 .iter()
                 .zip(&blocked)
