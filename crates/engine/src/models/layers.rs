@@ -68,26 +68,46 @@ impl GroupNorm {
     /// `SiLU((GN(x)·γ + β)·(1 + scale) + shift)` with `scale_shift (B, 2C)` = `[scale | shift]`,
     /// in one pass on the CPU (the scale-shift ResBlock's `out_layers` up to the convolution).
     pub fn forward_modulated_silu(&self, x: &Tensor, scale_shift: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xs = cast(x, compute_dtype(dtype))?;
-        let (g, b) = (
-            cast(&self.gamma, xs.dtype())?,
-            cast(&self.beta, xs.dtype())?,
-        );
-        let ss = cast(scale_shift, xs.dtype())?;
-        let y = ops::norm::group_norm_modulated(&xs, self.groups, &g, &b, &ss, self.eps, true)?;
-        cast(&y, dtype)
+        self.in_compute_dtype(x, |xs, g, b| {
+            let ss = cast(scale_shift, xs.dtype())?;
+            Ok(ops::norm::group_norm_modulated(
+                xs,
+                self.groups,
+                g,
+                b,
+                &ss,
+                self.eps,
+                true,
+            )?)
+        })
     }
 
     fn run(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        self.in_compute_dtype(x, |xs, g, b| {
+            Ok(ops::norm::group_norm(
+                xs,
+                self.groups,
+                g,
+                b,
+                self.eps,
+                silu,
+            )?)
+        })
+    }
+
+    /// `f(x, γ, β)` with all three in the statistics' dtype, the result back in x's.
+    fn in_compute_dtype(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let dtype = x.dtype();
         let xs = cast(x, compute_dtype(dtype))?;
         let (g, b) = (
             cast(&self.gamma, xs.dtype())?,
             cast(&self.beta, xs.dtype())?,
         );
-        let y = ops::norm::group_norm(&xs, self.groups, &g, &b, self.eps, silu)?;
-        cast(&y, dtype)
+        cast(&f(&xs, &g, &b)?, dtype)
     }
 }
 
