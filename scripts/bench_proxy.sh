@@ -74,7 +74,9 @@ need_pkg() { # command package...
   # A fresh machine's package lists may be empty or stale.
   apt-get update -q >/dev/null 2>&1 || true
   for p in "$@"; do
-    if apt-cache policy "$p" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    # grep without -q reads to the end: with -q it exits at the first match and, under
+    # pipefail, apt-cache's SIGPIPE made the test fail, so nothing was ever installed.
+    if apt-cache policy "$p" 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; then
       log "installing $p"
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$p" >/dev/null
       command -v "$cmd" >/dev/null && return 0
