@@ -111,8 +111,8 @@ impl Geom {
     fn winograd(&self) -> Option<winograd::Tiles> {
         let wide = self.cin.min(self.cout) >= WINOGRAD_MIN_CHANNELS;
         let tiles = self.batch * self.ho.div_ceil(2) * self.wo.div_ceil(2);
-        let wide = wide && tiles >= WINOGRAD_MIN_TILES;
-        (self.kh == 3 && self.kw == 3 && self.stride == 1 && wide).then_some(winograd::Tiles {
+        let pays = wide && tiles >= WINOGRAD_MIN_TILES;
+        (self.kh == 3 && self.kw == 3 && self.stride == 1 && pays).then_some(winograd::Tiles {
             cin: self.cin,
             cout: self.cout,
             h: self.h,

@@ -59,7 +59,6 @@ pub fn group_norm_modulated(
     if !fast_path(x) || groups == 0 || c % groups != 0 {
         let mut bcast = x.dims().to_vec();
         bcast[2..].fill(1);
-        bcast[1] = c;
         let scale = (scale_shift.narrow(1, 0, c)?.reshape(bcast.as_slice())? + 1.0)?;
         let shift = scale_shift.narrow(1, c, c)?.reshape(bcast)?;
         let y = group_norm(x, groups, gamma, beta, eps, false)?

@@ -68,7 +68,10 @@ impl Resample2x {
                     let (plane, oy) = (row / oh, row % oh);
                     let src = &x[plane * h * w..(plane + 1) * h * w];
                     if self.up {
-                        up_row(&src[(oy / 2).min(h) * w..], w, oy / 2 < h, s, out_row);
+                        // Past the 2h rows the blocks cover, the row stays zero.
+                        if let Some(row) = src.chunks_exact(w).nth(oy / 2) {
+                            up_row(row, s, out_row);
+                        }
                     } else {
                         let (a, b) = src[2 * oy * w..(2 * oy + 2) * w].split_at(w);
                         pool_row(a, b, s, out_row);
@@ -79,13 +82,9 @@ impl Resample2x {
     }
 }
 
-/// One output row of the upsampling: `src[j]·s` twice for each source column (zero where
-/// `valid` is false or past `2w`).
-fn up_row<T: Real>(src: &[T], w: usize, valid: bool, s: T, out: &mut [T]) {
-    if !valid {
-        return;
-    }
-    for (pair, &v) in out.chunks_exact_mut(2).zip(&src[..w]) {
+/// One output row of the upsampling: `src[j]·s` twice for each source column (zero past `2w`).
+fn up_row<T: Real>(src: &[T], s: T, out: &mut [T]) {
+    for (pair, &v) in out.chunks_exact_mut(2).zip(src) {
         pair[0] = v * s;
         pair[1] = v * s;
     }

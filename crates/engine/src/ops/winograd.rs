@@ -206,7 +206,7 @@ fn transform_output<T: Real>(
     per_channel(par, y, p.ho * p.wo, m, 16 * nt, |out, m| {
         let mut scratch = vec![zero; 12 * nt];
         let (s, q) = scratch.split_at_mut(8 * nt);
-        output_tiles(m, nt, 0, nt, s, q);
+        output_tiles(m, nt, s, q);
         let q: [&[T]; 4] = std::array::from_fn(|i| &q[i * nt..(i + 1) * nt]);
         for (ty, k0, n, off) in tile_rows(tw, tiles.clone()) {
             let x0 = 2 * k0;
@@ -239,11 +239,11 @@ fn transform_output<T: Real>(
 }
 
 simd_kernel! {
-    /// Aᵀ·M·A (Aᵀ = [1 1 1 0; 0 1 −1 −1]) of `n` consecutive tiles whose M[ξ] sit at
-    /// `m[ξ·stride + base + k]`: the 2×2 outputs into `q = [y00 | y01 | y10 | y11]` (n each),
-    /// through `s` (8n: the column sums Aᵀ·M).
-    fn output_tiles<T>(m: &[T], stride: usize, base: usize, n: usize, s: &mut [T], q: &mut [T]) {
-        let g = |xi: usize| &m[xi * stride + base..xi * stride + base + n];
+    /// Aᵀ·M·A (Aᵀ = [1 1 1 0; 0 1 −1 −1]) of one channel's `n` tiles, M[ξ] at `m[ξ·n + k]`: the
+    /// 2×2 outputs into `q = [y00 | y01 | y10 | y11]` (n each), through `s` (8n: the column sums
+    /// Aᵀ·M).
+    fn output_tiles<T>(m: &[T], n: usize, s: &mut [T], q: &mut [T]) {
+        let g = |xi: usize| &m[xi * n..(xi + 1) * n];
         let (s0, s1) = s.split_at_mut(4 * n);
         for c in 0..4 {
             let (a, b, d, e) = (g(c), g(4 + c), g(8 + c), g(12 + c));
