@@ -45,7 +45,7 @@ fn not_found(id: &str) -> Response {
 }
 
 async fn verdict(State(guard): State<Arc<Guard>>, Path(id): Path<String>) -> Response {
-    match guard.registry().get(&id).await {
+    match guard.registry().get(&id) {
         None => not_found(&id),
         Some(Entry::Settled(json)) => {
             (StatusCode::OK, [(CONTENT_TYPE, "application/json")], json).into_response()
@@ -62,7 +62,7 @@ async fn verdict(State(guard): State<Arc<Guard>>, Path(id): Path<String>) -> Res
 }
 
 async fn events(State(guard): State<Arc<Guard>>, Path(id): Path<String>) -> Response {
-    let Some(entry) = guard.registry().get(&id).await else {
+    let Some(entry) = guard.registry().get(&id) else {
         return not_found(&id);
     };
     let stream = futures_util::stream::once(async move {

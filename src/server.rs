@@ -1,11 +1,18 @@
 //! Assembles and runs the two listeners (proxy + verdict API, ops) with graceful shutdown.
+//!
+//! The proxy listener is served by `server.io_threads` threads, each a single-threaded Tokio
+//! runtime accepting from the same socket, the way nginx runs worker processes. A connection, the
+//! guard work of its requests and the upstream connections they use then stay on one thread: no
+//! work stealing, no waking another core per request. On the cache-hit path that is most of the
+//! guard's CPU beyond its own work (`benches/proxy_vs_nginx.md`). Work that outlives a request
+//! (late verdicts, cache fills, the webhook) runs on the caller's runtime, which outlives them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -31,6 +38,9 @@ pub enum ServerError {
     /// A route could not be built.
     #[error(transparent)]
     Route(#[from] GuardError),
+    /// An I/O thread or its runtime could not be started.
+    #[error("cannot start proxy I/O thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A running guard.
@@ -42,7 +52,8 @@ pub struct RunningServer {
     /// Shared guard state.
     pub guard: Arc<Guard>,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// Each resolves when a listener has drained (the I/O threads' and the ops listener's).
+    tasks: Vec<Drained>,
     grace: Duration,
 }
 
@@ -77,55 +88,108 @@ impl RunningServer {
     }
 }
 
-async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: addr.to_string(),
-            source,
-        })
+fn bind_error(addr: &str) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
+    move |source| ServerError::Bind {
+        addr: addr.to_string(),
+        source,
+    }
 }
 
-/// Starts both listeners with `detector`. Call inside a Tokio runtime.
+async fn bind(addr: &str) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr).await.map_err(bind_error(addr))
+}
+
+/// `server.io_threads`, with 0 meaning one per CPU.
+fn io_thread_count(configured: usize) -> usize {
+    match configured {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
+}
+
+/// Serves `app` on `listener` until `token` is cancelled and the connections have drained.
+async fn serve(listener: TcpListener, app: axum::Router, token: CancellationToken) {
+    let svc = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, svc)
+        .with_graceful_shutdown(token.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "listener failed");
+    }
+}
+
+/// Resolves (with an error, as the sender is dropped) when a listener has drained.
+type Drained = tokio::sync::oneshot::Receiver<()>;
+
+/// Starts one I/O thread serving `app` from its own handle on the shared listening socket.
+/// The runtime and the listener's registration are made here, so their errors stop the start.
+fn spawn_io_thread(
+    index: usize,
+    listener: &std::net::TcpListener,
+    app: axum::Router,
+    token: CancellationToken,
+) -> Result<Drained, ServerError> {
+    let runtime: Runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ServerError::Thread)?;
+    let listener = {
+        let _in_runtime = runtime.enter();
+        TcpListener::from_std(listener.try_clone().map_err(ServerError::Thread)?)
+            .map_err(ServerError::Thread)?
+    };
+    let (drained, on_drained) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(format!("diffguard-io-{index}"))
+        .spawn(move || {
+            runtime.block_on(serve(listener, app, token));
+            drop(drained);
+        })
+        .map_err(ServerError::Thread)?;
+    Ok(on_drained)
+}
+
+/// Starts both listeners with `detector`. Call inside a Tokio runtime: the ops listener and the
+/// guard's background work run on it, the proxy listener on its own I/O threads.
 pub async fn start(
     cfg: &Config,
     detector: Arc<dyn Detector>,
 ) -> Result<RunningServer, ServerError> {
     let guard = Guard::new(cfg, detector)?;
-    let table = RouteTable::from_config(cfg, &guard)?;
-    let app = api::router(guard.clone()).fallback_service(table);
-    let ops = ops::router(guard.clone());
-    let (listener, ops_listener) = (
-        bind(&cfg.server.listen).await?,
-        bind(&cfg.server.ops_listen).await?,
-    );
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: cfg.server.listen.clone(),
-        source,
-    })?;
+    let listen = cfg.server.listen.as_str();
+    let listener = std::net::TcpListener::bind(listen).map_err(bind_error(listen))?;
+    listener.set_nonblocking(true).map_err(bind_error(listen))?;
+    let addr = listener.local_addr().map_err(bind_error(listen))?;
+    let ops_listener = bind(&cfg.server.ops_listen).await?;
     let ops_addr = ops_listener
         .local_addr()
-        .map_err(|source| ServerError::Bind {
-            addr: cfg.server.ops_listen.clone(),
-            source,
-        })?;
+        .map_err(bind_error(&cfg.server.ops_listen))?;
     let token = CancellationToken::new();
-    let serve = |listener: TcpListener, app: axum::Router, token: CancellationToken| {
-        tokio::spawn(async move {
-            let svc = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(listener, svc)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "listener failed");
+    let threads = io_thread_count(cfg.server.io_threads);
+    let mut tasks = Vec::with_capacity(threads + 1);
+    for i in 0..threads {
+        // Each thread gets its own route table, so its own upstream connection pools: an
+        // upstream connection is driven by the thread whose requests use it.
+        let table = RouteTable::from_config(cfg, &guard)?;
+        let app = api::router(guard.clone()).fallback_service(table);
+        match spawn_io_thread(i, &listener, app, token.clone()) {
+            Ok(drained) => tasks.push(drained),
+            Err(e) => {
+                // The threads already started stop with the token.
+                token.cancel();
+                return Err(e);
             }
-        })
-    };
-    let tasks = vec![
-        serve(listener, app, token.clone()),
-        serve(ops_listener, ops, token.clone()),
-    ];
-    tracing::info!(%addr, %ops_addr, detector = %guard.fingerprint(), routes = cfg.routes.len(), "diffguard listening");
+        }
+    }
+    let (drained, on_drained) = tokio::sync::oneshot::channel::<()>();
+    let ops = ops::router(guard.clone());
+    let ops_token = token.clone();
+    tokio::spawn(async move {
+        serve(ops_listener, ops, ops_token).await;
+        drop(drained);
+    });
+    tasks.push(on_drained);
+    tracing::info!(%addr, %ops_addr, io_threads = threads, detector = %guard.fingerprint(), routes = cfg.routes.len(), "diffguard listening");
     Ok(RunningServer {
         addr,
         ops_addr,

@@ -397,3 +397,35 @@ async fn graceful_shutdown_drains_in_flight_requests() {
         "listener closed after shutdown"
     );
 }
+
+/// A request answered `pending` leaves a task that settles its verdict id when the detector
+/// answers. That task must outlive the proxy I/O thread that served the request, whose runtime
+/// ends with its listener: after shutdown, the id still settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_verdict_settles_after_the_io_threads_have_stopped() {
+    use diffguard::guard::registry::Entry;
+    let up = Upstream::example().await;
+    let mut g = start(
+        &up,
+        "flag",
+        "open",
+        20,
+        TestDetector::slow(Duration::from_millis(600)),
+    )
+    .await;
+    let r = g.post("/predictions/m", "image/png", bright()).await;
+    assert_eq!(r.h("diffguard-verdict"), Some("pending"));
+    let id = r.h("diffguard-id").unwrap().to_string();
+    let guard = g.server.as_ref().unwrap().guard.clone();
+    // Stops the I/O threads at once (nothing in flight), then waits for the queued job.
+    g.stop().await;
+    wait_until("the late verdict settles its id", || {
+        matches!(guard.registry().get(&id), Some(Entry::Settled(_)))
+    })
+    .await;
+    let Some(Entry::Settled(json)) = guard.registry().get(&id) else {
+        unreachable!()
+    };
+    let report: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(report["verdict"], "ood");
+}

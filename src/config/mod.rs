@@ -73,6 +73,10 @@ pub struct ServerConfig {
     pub max_pixels: u64,
     /// How long in-flight requests may take to drain at shutdown.
     pub shutdown_grace_ms: u64,
+    /// Threads serving the proxy listener, each a single-threaded runtime that keeps its
+    /// connections, their upstream connections and their guard work on one core; 0 = one per
+    /// CPU.
+    pub io_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +87,7 @@ impl Default for ServerConfig {
             max_body_bytes: 8 * 1024 * 1024,
             max_pixels: 4096 * 4096,
             shutdown_grace_ms: 10_000,
+            io_threads: 0,
         }
     }
 }

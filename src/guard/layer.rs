@@ -310,7 +310,7 @@ where
     let report = record.report();
     // The client learns the id from this response, so registering it now is early enough, and
     // the report just taken serves both the registry and the response.
-    guard.registry().insert(&record, &report).await;
+    guard.registry().insert(&record, &report);
     observe(guard, metrics, &report, &record);
     match policy::decide(&route.policy, report.verdict) {
         policy::Decision::Reject => Err(GuardError::Rejected(Box::new(report))),
@@ -423,11 +423,12 @@ fn observe(
         return;
     }
     let (metrics, record, parent) = (metrics.clone(), record.clone(), span.clone());
-    let guard = guard.clone();
-    tokio::spawn(async move {
+    let owned = guard.clone();
+    guard.spawn_background(async move {
+        let guard = owned;
         // Bounded: the registry forgets the id after its retention anyway.
         record.wait(Duration::from_secs(300)).await;
-        guard.registry().settle(&record).await;
+        guard.registry().settle(&record);
         let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %record.route);
         late.follows_from(&parent);
         let _e = late.enter();

@@ -14,6 +14,7 @@
 pub mod decode;
 pub mod detector;
 pub mod diffguard;
+mod fifo;
 pub mod input;
 pub mod layer;
 pub mod logits;
@@ -65,6 +66,9 @@ pub struct Guard {
     webhook: Option<Webhook>,
     max_body_bytes: usize,
     max_pixels: u64,
+    /// The runtime `new` was called on: work that outlives a request runs there, not on the
+    /// proxy's I/O thread, whose runtime ends when its listener has drained.
+    background: tokio::runtime::Handle,
 }
 
 /// The guard could not start.
@@ -108,6 +112,7 @@ impl Guard {
             webhook: Webhook::start(&cfg.webhook)?,
             max_body_bytes: cfg.server.max_body_bytes,
             max_pixels: cfg.server.max_pixels,
+            background: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -154,6 +159,12 @@ impl Guard {
     /// Decoded pixel limit.
     pub fn max_pixels(&self) -> u64 {
         self.max_pixels
+    }
+
+    /// Runs work that may outlive the request (and the I/O thread serving it) on the runtime
+    /// the guard was made on.
+    pub fn spawn_background(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.background.spawn(work);
     }
 
     /// Finds or starts the verdict for one image + label: cache, then single-flight queue.
@@ -220,7 +231,7 @@ impl Guard {
     /// may be slow or down and must not hold the key in flight).
     fn follow_up(&self, key: VerdictKey, mut slot: queue::Slot) {
         let (cache, queue) = (self.cache.clone(), self.queue.clone());
-        tokio::spawn(async move {
+        self.spawn_background(async move {
             let outcome = slot
                 .wait_for(Option::is_some)
                 .await

@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use moka::future::Cache;
-use moka::policy::EvictionPolicy;
 
+use super::fifo::FifoMap;
 use super::queue::Slot;
 use super::verdict::{CacheStatus, InstanceReport, Outcome, Verdict, VerdictReport};
 
@@ -125,48 +124,41 @@ pub enum Entry {
 /// Verdict ids → records, bounded and expiring.
 #[derive(Clone)]
 pub struct VerdictRegistry {
-    records: Cache<u128, Entry>,
+    records: Arc<FifoMap<Entry>>,
 }
 
 impl VerdictRegistry {
-    /// Keeps `capacity` ids for `retention` each (counted from the last change: the final
-    /// verdict of a late record restarts it).
+    /// Keeps up to `capacity` ids, each for `retention` (counted from the last change: the final
+    /// verdict of a late record restarts it). When full, the oldest ids go first: every id is
+    /// written once and read rarely, so how often one was read says nothing, and the newest must
+    /// stay.
     pub fn new(capacity: u64, retention: Duration) -> Self {
         Self {
-            records: Cache::builder()
-                .max_capacity(capacity)
-                .time_to_live(retention)
-                // Every id is written once and read rarely, so frequency says nothing: TinyLFU
-                // (moka's default) would refuse new ids once full. The newest ids must stay.
-                .eviction_policy(EvictionPolicy::lru())
-                .build(),
+            records: Arc::new(FifoMap::new(capacity, retention)),
         }
     }
 
     /// Remembers a record as `report` (its snapshot, taken by the caller) shows it: settled when
     /// that report is final, live otherwise (then [`Self::settle`] it once it finishes).
-    pub async fn insert(&self, rec: &Arc<RequestRecord>, report: &VerdictReport) {
+    pub fn insert(&self, rec: &Arc<RequestRecord>, report: &VerdictReport) {
         let Some(key) = key_of(&rec.id) else {
             return;
         };
         let entry = settled(report).unwrap_or_else(|| Entry::Live(rec.clone()));
-        self.records.insert(key, entry).await;
+        self.records.insert(key, entry);
     }
 
     /// Replaces a live record that has finished by its compact form; an id the registry has
     /// already forgotten stays forgotten.
-    pub async fn settle(&self, rec: &RequestRecord) {
-        let (Some(key), Some(entry)) = (key_of(&rec.id), settled(&rec.report())) else {
-            return;
-        };
-        if self.records.contains_key(&key) {
-            self.records.insert(key, entry).await;
+    pub fn settle(&self, rec: &RequestRecord) {
+        if let (Some(key), Some(entry)) = (key_of(&rec.id), settled(&rec.report())) {
+            self.records.replace(key, entry);
         }
     }
 
     /// Looks an id up.
-    pub async fn get(&self, id: &str) -> Option<Entry> {
-        self.records.get(&key_of(id)?).await
+    pub fn get(&self, id: &str) -> Option<Entry> {
+        self.records.get(key_of(id)?)
     }
 }
 
@@ -220,8 +212,8 @@ mod tests {
             CacheStatus::Hit,
             scored(2.5),
         ));
-        reg.insert(&rec, &rec.report()).await;
-        let Some(Entry::Settled(json)) = reg.get(&rec.id).await else {
+        reg.insert(&rec, &rec.report());
+        let Some(Entry::Settled(json)) = reg.get(&rec.id) else {
             panic!("a finished record must be stored settled");
         };
         let back: serde_json::Value = serde_json::from_slice(&json).expect("json");
@@ -239,13 +231,13 @@ mod tests {
             cache: CacheStatus::Miss,
             slot: rx,
         });
-        reg.insert(&rec, &rec.report()).await;
-        assert!(matches!(reg.get(&rec.id).await, Some(Entry::Live(_))));
-        reg.settle(&rec).await; // not done yet: stays live
-        assert!(matches!(reg.get(&rec.id).await, Some(Entry::Live(_))));
+        reg.insert(&rec, &rec.report());
+        assert!(matches!(reg.get(&rec.id), Some(Entry::Live(_))));
+        reg.settle(&rec); // not done yet: stays live
+        assert!(matches!(reg.get(&rec.id), Some(Entry::Live(_))));
         tx.send(Some(scored(0.5))).expect("receiver alive");
-        reg.settle(&rec).await;
-        let Some(Entry::Settled(json)) = reg.get(&rec.id).await else {
+        reg.settle(&rec);
+        let Some(Entry::Settled(json)) = reg.get(&rec.id) else {
             panic!("a finished record must settle");
         };
         let back: serde_json::Value = serde_json::from_slice(&json).expect("json");
@@ -263,25 +255,24 @@ mod tests {
                 CacheStatus::Miss,
                 scored(i as f32),
             ));
-            reg.insert(&rec, &rec.report()).await;
+            reg.insert(&rec, &rec.report());
             ids.push(rec.id.clone());
         }
-        reg.records.run_pending_tasks().await;
         for id in &ids[990..] {
-            assert!(reg.get(id).await.is_some(), "a fresh id was refused");
+            assert!(reg.get(id).is_some(), "a fresh id was refused");
         }
         assert!(
-            reg.get(&ids[0]).await.is_none(),
+            reg.get(&ids[0]).is_none(),
             "the oldest id outlived the bound"
         );
-        assert!(reg.records.entry_count() <= 100);
+        assert!(reg.records.len() <= 100);
     }
 
     #[tokio::test]
     async fn unknown_malformed_and_forgotten_ids_are_absent() {
         let reg = registry();
-        assert!(reg.get("not-a-uuid").await.is_none());
-        assert!(reg.get(&uuid::Uuid::new_v4().to_string()).await.is_none());
+        assert!(reg.get("not-a-uuid").is_none());
+        assert!(reg.get(&uuid::Uuid::new_v4().to_string()).is_none());
         // settle never resurrects an id the registry does not hold.
         let rec = record(InstanceSlot::resolved(
             None,
@@ -289,7 +280,7 @@ mod tests {
             CacheStatus::Miss,
             scored(0.1),
         ));
-        reg.settle(&rec).await;
-        assert!(reg.get(&rec.id).await.is_none());
+        reg.settle(&rec);
+        assert!(reg.get(&rec.id).is_none());
     }
 }
