@@ -26,8 +26,10 @@
 # The static body is the example classifier's own answer for the benchmark image, so the guard
 # reads the same label from both.
 #
-# Per upstream, three targets get the same load (same body, connections, threads, duration):
-# direct upstream, nginx reverse proxy, guard. Order rotates each rep; medians are reported.
+# Per upstream, four targets get the same load (same body, connections, threads, duration):
+# direct upstream, nginx reverse proxy, guard, and `hyper`: examples/hyper_floor.rs, a
+# pass-through proxy of hyper + hyper-util alone on the guard's runtime layout (the floor of the
+# guard's HTTP stack, no guard work). Order rotates each rep; medians are reported.
 # Every process started here is killed on exit. Installs nginx-light / wrk only when missing.
 set -euo pipefail
 
@@ -56,11 +58,13 @@ P_EXAMPLE=$((BASE_PORT + 2))
 P_NGINX=$((BASE_PORT + 3))
 P_GUARD=$((BASE_PORT + 4))
 P_OPS=$((BASE_PORT + 5))
+P_HYPER=$((BASE_PORT + 6))
 PATH_Q=/predictions/fashion
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 GUARD_BIN=${GUARD_BIN:-$TARGET_DIR/release/diffguard}
 UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET_DIR/release/examples/upstream}
 LOADGEN_BIN=${LOADGEN_BIN:-$TARGET_DIR/release/examples/loadgen}
+HYPER_BIN=${HYPER_BIN:-$TARGET_DIR/release/examples/hyper_floor}
 RATE=${RATE:-2000}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -88,13 +92,14 @@ need_pkg nginx nginx-light nginx
 need_pkg wrk wrk
 [ "$MODE" = instructions ] && need_pkg valgrind valgrind
 command -v curl >/dev/null || die "curl missing"
-if [ ! -x "$GUARD_BIN" ] || [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$LOADGEN_BIN" ]; then
+if [ ! -x "$GUARD_BIN" ] || [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$LOADGEN_BIN" ] || [ ! -x "$HYPER_BIN" ]; then
   log "building release binaries into $TARGET_DIR"
-  cargo build --release -q -p diffguard --bin diffguard --example upstream --example loadgen
+  cargo build --release -q -p diffguard --bin diffguard --example upstream --example loadgen \
+    --example hyper_floor
 fi
 [ -f "$IMAGE" ] || die "no image $IMAGE"
 
-for p in $P_STATIC $P_EXAMPLE $P_NGINX $P_GUARD $P_OPS; do
+for p in $P_STATIC $P_EXAMPLE $P_NGINX $P_GUARD $P_OPS $P_HYPER; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p busy (set BASE_PORT)"; fi
 done
 
@@ -262,7 +267,12 @@ policy = { mode = "off" }' >>"$WORK/guard-cg.toml"
     --ops-listen "127.0.0.1:$P_OPS" 2>"$WORK/guard-cg.log" &
   GUARD_PID=$!
   PIDS+=($GUARD_PID)
+  "${CG[@]}" "$HYPER_BIN" --listen "127.0.0.1:$P_HYPER" --upstream "$UP_URL" \
+    2>"$WORK/hyper-cg.log" &
+  HYPER_PID=$!
+  PIDS+=($HYPER_PID)
   wait_port "$P_NGINX" "nginx proxy (callgrind)"
+  wait_port "$P_HYPER" "hyper floor (callgrind)"
   for _ in $(seq 1 600); do
     (exec 3<>"/dev/tcp/127.0.0.1/$P_GUARD") 2>/dev/null && break
     kill -0 "$GUARD_PID" 2>/dev/null || die "guard exited: $(grep -v '^==' "$WORK/guard-cg.log" | tail -3)"
@@ -279,9 +289,10 @@ policy = { mode = "off" }' >>"$WORK/guard-cg.toml"
   echo "| path | requests | instructions / request | vs nginx |"
   echo "|---|---:|---:|---:|"
   base=""
-  for t in nginx guard-hit guard-off; do
+  for t in nginx guard-hit guard-off hyper-floor; do
     case $t in
       nginx) r=$(count_instructions "$NGINX_PID" "http://127.0.0.1:$P_NGINX$PATH_Q") ;;
+      hyper-floor) r=$(count_instructions "$HYPER_PID" "http://127.0.0.1:$P_HYPER$PATH_Q") ;;
       guard-hit) r=$(count_instructions "$GUARD_PID" "http://127.0.0.1:$P_GUARD$PATH_Q") ;;
       guard-off) r=$(count_instructions "$GUARD_PID" "http://127.0.0.1:$P_GUARD/passthrough$PATH_Q") ;;
     esac
@@ -313,7 +324,11 @@ for up in $UPSTREAMS; do
     --ops-listen "127.0.0.1:$P_OPS" 2>"$WORK/guard-$up.log" &
   GUARD_PID=$!
   PIDS+=($GUARD_PID)
+  "$HYPER_BIN" --listen "127.0.0.1:$P_HYPER" --upstream "$UP_URL" 2>"$WORK/hyper-$up.log" &
+  HYPER_PID=$!
+  PIDS+=($HYPER_PID)
   wait_port "$P_GUARD" "guard"
+  wait_port "$P_HYPER" "hyper floor"
 
   # Warm the verdict cache: the first request is scored by the engine (CPU, may take seconds);
   # repeat until the guard answers from the cache.
@@ -331,15 +346,16 @@ for up in $UPSTREAMS; do
   hits0=$(metric 'diffguard_cache_lookups_total{tier="memory",result="hit"}'); hits0=${hits0:-0}
 
   declare -A URL=([direct]="$UP_URL$PATH_Q" [nginx]="http://127.0.0.1:$P_NGINX$PATH_Q"
-                  [guard]="http://127.0.0.1:$P_GUARD$PATH_Q")
+                  [guard]="http://127.0.0.1:$P_GUARD$PATH_Q" [hyper]="http://127.0.0.1:$P_HYPER$PATH_Q")
   # CPU per request of the hop under test (the upstream itself for `direct`): on a shared machine
   # this is steadier than req/s, which depends on what else the cores are doing.
-  declare -A HOP=([direct]="$UP_PID" [nginx]="$NGINX_PID" [guard]="$GUARD_PID")
-  for t in direct nginx guard; do load "${URL[$t]}" "$WARMUP" >/dev/null; done
-  orders=("direct nginx guard" "nginx guard direct" "guard direct nginx")
+  declare -A HOP=([direct]="$UP_PID" [nginx]="$NGINX_PID" [guard]="$GUARD_PID" [hyper]="$HYPER_PID")
+  for t in direct nginx guard hyper; do load "${URL[$t]}" "$WARMUP" >/dev/null; done
+  orders=("direct nginx guard hyper" "nginx guard hyper direct" "guard hyper direct nginx"
+          "hyper direct nginx guard")
   : >"$WORK/runs-$up"
   for rep in $(seq 0 $((REPS - 1))); do
-    for t in ${orders[$((rep % 3))]}; do
+    for t in ${orders[$((rep % 4))]}; do
       c0=$(cpu_ticks ${HOP[$t]})
       r=$(load "${URL[$t]}" "$DURATION")
       c1=$(cpu_ticks ${HOP[$t]})
@@ -358,7 +374,7 @@ for up in $UPSTREAMS; do
   echo "RSS $up guard_idle_rss_kB=$rss0 guard_rss_kB=$rss1 guard_hwm_kB=$hwm1 nginx_rss_kB=$nrss"
   echo "HITS $up memory_hits_during_load=$((${hits1%.*} - ${hits0%.*})) measured_guard_requests=$guard_reqs engine_jobs=$jobs"
 
-  for t in direct nginx guard; do
+  for t in direct nginx guard hyper; do
     for col in 2 3 4 6 7; do
       eval "M_${t}_$col=\$(awk -v t=$t -v c=$col '\$1 == t {print \$c}' \"$WORK/runs-$up\" | median)"
     done
@@ -366,17 +382,18 @@ for up in $UPSTREAMS; do
   echo "TABLE $up"
   echo "| path | req/s (median) | p50 ms | p99 ms | added p50 ms | added p99 ms | errors | hop CPU µs/req |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for t in direct nginx guard; do
+  for t in direct nginx guard hyper; do
     eval "rps=\$M_${t}_2 p50=\$M_${t}_3 p99=\$M_${t}_4 err=\$M_${t}_6 cpu=\$M_${t}_7"
     awk -v t="$t" -v r="$rps" -v a="$p50" -v b="$p99" -v da="$M_direct_3" -v db="$M_direct_4" -v e="$err" -v cpu="$cpu" \
       'BEGIN {printf "| %s | %.0f | %.3f | %.3f | %s | %s | %s | %.1f |\n", t, r, a/1000, b/1000,
         (t == "direct") ? "-" : sprintf("%+.3f", (a-da)/1000), (t == "direct") ? "-" : sprintf("%+.3f", (b-db)/1000), e, cpu}'
   done
-  awk -v g="$M_guard_2" -v n="$M_nginx_2" 'BEGIN {printf "RATIO guard/nginx req/s = %.2f\n", g/n}'
+  awk -v g="$M_guard_2" -v n="$M_nginx_2" -v h="$M_hyper_2" \
+    'BEGIN {printf "RATIO guard/nginx req/s = %.2f (hyper floor/nginx = %.2f, guard/hyper floor = %.2f)\n", g/n, h/n, g/h}'
   echo
 
-  kill "$GUARD_PID" "$NGINX_PID" 2>/dev/null || true
-  wait "$GUARD_PID" "$NGINX_PID" 2>/dev/null || true
+  kill "$GUARD_PID" "$NGINX_PID" "$HYPER_PID" 2>/dev/null || true
+  wait "$GUARD_PID" "$NGINX_PID" "$HYPER_PID" 2>/dev/null || true
   echo "GUARD_LOG_LINES $up $(wc -l <"$WORK/guard-$up.log")"
 done
 

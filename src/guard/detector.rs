@@ -49,7 +49,15 @@ pub struct Score {
     /// Free-form numbers worth tracing (similarity, …). `early_stop_step` is also recorded as the
     /// request span attribute `diffguard.early_stop_step`.
     #[serde(default)]
-    pub diagnostics: BTreeMap<String, f64>,
+    pub diagnostics: Diagnostics,
+}
+
+/// A score's diagnostics, shared: a cached verdict hands the same map to every request's report.
+pub type Diagnostics = Arc<BTreeMap<String, f64>>;
+
+/// For `skip_serializing_if`.
+pub fn no_diagnostics(d: &Diagnostics) -> bool {
+    d.is_empty()
 }
 
 impl Score {

@@ -114,7 +114,7 @@ impl DiffGuardDetector {
         Score {
             score: -result.score as f32,
             threshold: self.threshold(result.label),
-            diagnostics,
+            diagnostics: diagnostics.into(),
         }
     }
 }

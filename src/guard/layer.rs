@@ -496,10 +496,15 @@ fn record_outcome(guard: &Guard, metrics: &RouteMetrics, report: &VerdictReport)
     }
 }
 
+/// Per-instance values, comma-separated, `-` where an instance has none.
 fn join(
     report: &VerdictReport,
     f: impl Fn(&super::verdict::InstanceReport) -> Option<String>,
 ) -> String {
+    // One instance is the common request: its value needs no joining.
+    if let [one] = report.instances.as_slice() {
+        return f(one).unwrap_or_else(|| "-".into());
+    }
     report
         .instances
         .iter()
@@ -515,33 +520,33 @@ fn annotate(
     shown: Verdict,
     inject_body: bool,
 ) -> Response {
-    let mut set = |name: &HeaderName, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            parts.headers.insert(name.clone(), v);
-        }
-    };
-    set(&H_VERDICT, shown.as_str().to_string());
-    set(&H_ID, report.id.clone());
-    set(
+    let h = &mut parts.headers;
+    h.insert(&H_VERDICT, HeaderValue::from_static(shown.as_str()));
+    set_header(h, &H_ID, &report.id);
+    set_header(
+        h,
         &H_CACHE,
-        report
-            .instances
-            .iter()
-            .map(|i| i.cache.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
+        &join(report, |i| Some(i.cache.as_str().to_string())),
     );
     if report.instances.iter().any(|i| i.label.is_some()) {
-        set(&H_LABEL, join(report, |i| i.label.map(|l| l.to_string())));
-    }
-    if report.instances.iter().any(|i| i.score.is_some()) {
-        set(
-            &H_SCORE,
-            join(report, |i| i.score.map(|s| format!("{s:.6}"))),
+        set_header(
+            h,
+            &H_LABEL,
+            &join(report, |i| i.label.map(|l| l.to_string())),
         );
-        set(
+    }
+    // Shortest decimals that read back as the same f32: `score > threshold` holds for the
+    // printed values exactly when it held for the scores.
+    if report.instances.iter().any(|i| i.score.is_some()) {
+        set_header(
+            h,
+            &H_SCORE,
+            &join(report, |i| i.score.map(|s| s.to_string())),
+        );
+        set_header(
+            h,
             &H_THRESHOLD,
-            join(report, |i| i.threshold.map(|s| format!("{s:.6}"))),
+            &join(report, |i| i.threshold.map(|s| s.to_string())),
         );
     }
     let body = if inject_body {
@@ -550,6 +555,12 @@ fn annotate(
         body
     };
     Response::from_parts(parts, Body::from(body))
+}
+
+fn set_header(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
 }
 
 fn inject(headers: &mut HeaderMap, body: Bytes, report: &VerdictReport, shown: Verdict) -> Bytes {

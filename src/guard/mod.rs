@@ -29,7 +29,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 pub use self::decode::DecodeError;
-pub use self::detector::{Detector, DetectorError, Image, Job, Score, build_detector};
+pub use self::detector::{Detector, DetectorError, Diagnostics, Image, Job, Score, build_detector};
 pub use self::input::{ImageInput, KnownImages};
 pub use self::layer::{DiffGuardLayer, DiffGuardService, RouteGuard};
 use self::queue::{ScoringQueue, Submitted};

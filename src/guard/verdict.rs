@@ -132,8 +132,8 @@ pub struct InstanceReport {
     /// Cache hit or miss.
     pub cache: CacheStatus,
     /// The detector's diagnostics (e.g. `early_stop_step`), when scored.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub diagnostics: std::collections::BTreeMap<String, f64>,
+    #[serde(default, skip_serializing_if = "super::detector::no_diagnostics")]
+    pub diagnostics: super::detector::Diagnostics,
 }
 
 /// What `GET /diffguard/v1/verdicts/{id}` and the injected `"diffguard"` object carry.

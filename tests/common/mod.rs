@@ -83,11 +83,13 @@ impl Detector for TestDetector {
                 Ok(Score {
                     score: mean,
                     threshold: self.threshold,
-                    diagnostics: [
-                        ("mean".to_string(), f64::from(mean)),
-                        ("early_stop_step".to_string(), 3.0),
-                    ]
-                    .into(),
+                    diagnostics: Arc::new(
+                        [
+                            ("mean".to_string(), f64::from(mean)),
+                            ("early_stop_step".to_string(), 3.0),
+                        ]
+                        .into(),
+                    ),
                 })
             })
             .collect()

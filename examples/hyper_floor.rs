@@ -1,0 +1,115 @@
+//! The floor under the guard's proxy: a pass-through reverse proxy built from hyper and
+//! hyper-util alone (no axum, no guard, no telemetry), laid out as the guard serves (one
+//! single-threaded runtime per I/O thread, all accepting from one socket, each with its own pooled
+//! upstream client). `scripts/bench_proxy.sh` runs it beside nginx and the guard: what separates
+//! the guard from nginx that this does not close is the HTTP stack's, not the guard's.
+//!
+//! ```text
+//! cargo run --release --example hyper_floor -- --listen 127.0.0.1:18486 --upstream http://127.0.0.1:18481
+//! ```
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// Pass-through reverse proxy (hyper only), for benchmarks.
+#[derive(Parser)]
+struct Args {
+    /// Listen address.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Upstream base URL (`http://host:port`); request paths are appended.
+    #[arg(long)]
+    upstream: Uri,
+    /// I/O threads; 0 = one per CPU.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn bad_gateway() -> Response<Body> {
+    let mut r = Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed());
+    *r.status_mut() = StatusCode::BAD_GATEWAY;
+    r
+}
+
+async fn forward(
+    client: Client<HttpConnector, Incoming>,
+    upstream: Uri,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let mut parts = upstream.into_parts();
+    parts.path_and_query = req.uri().path_and_query().cloned();
+    let Ok(uri) = Uri::from_parts(parts) else {
+        return Ok(bad_gateway());
+    };
+    *req.uri_mut() = uri;
+    Ok(match client.request(req).await {
+        Ok(resp) => resp.map(BodyExt::boxed),
+        Err(_) => bad_gateway(),
+    })
+}
+
+async fn serve(listener: tokio::net::TcpListener, upstream: Uri) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of descriptors, most likely: give connections time to close.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (client, upstream) = (client.clone(), upstream.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| forward(client.clone(), upstream.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let threads = match args.threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    listener.set_nonblocking(true)?;
+    let mut handles = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let own = {
+            let _in_runtime = runtime.enter();
+            tokio::net::TcpListener::from_std(listener.try_clone()?)?
+        };
+        let upstream = args.upstream.clone();
+        handles.push(std::thread::spawn(move || {
+            runtime.block_on(serve(own, upstream))
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
