@@ -602,6 +602,15 @@ mod tests {
     }
 
     #[test]
+    fn io_threads_beyond_the_bound_are_refused_by_name() {
+        let text = DEFAULT_TOML.replace("io_threads = 0", "io_threads = 100000");
+        let err = Config::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("server.io_threads"), "{err}");
+        let ok = DEFAULT_TOML.replace("io_threads = 0", "io_threads = 3");
+        assert_eq!(Config::from_toml(&ok).unwrap().server.io_threads, 3);
+    }
+
+    #[test]
     fn redacted_log_has_no_password() {
         let text =
             format!("{DEFAULT_TOML}\n[cache.redis]\nurl = \"redis://:s3cret@127.0.0.1:6379\"\n");

@@ -22,6 +22,12 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     positive("server.max_body_bytes", c.server.max_body_bytes as u64)?;
     positive("server.max_pixels", c.server.max_pixels)?;
+    if c.server.io_threads > MAX_IO_THREADS {
+        return Err(invalid(
+            "server.io_threads",
+            format!("at most {MAX_IO_THREADS} (0 = one per CPU)"),
+        ));
+    }
     positive("detector.threads", c.detector.threads as u64)?;
     positive("detector.batch_size", c.detector.batch_size as u64)?;
     positive("detector.queue_capacity", c.detector.queue_capacity as u64)?;
@@ -100,6 +106,10 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+/// Each I/O thread is a runtime with its own upstream pools; beyond this a typo is likelier than a
+/// machine that needs it.
+const MAX_IO_THREADS: usize = 1024;
 
 fn positive(key: &str, v: u64) -> Result<(), ConfigError> {
     if v == 0 {

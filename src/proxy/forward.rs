@@ -263,46 +263,38 @@ mod tests {
 
     #[test]
     fn target_joins_base_path_and_strips_prefix() {
-        let f = Forwarder::new(
-            "http://u:1/internal".parse().unwrap(),
-            Some("/api/classify".into()),
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-        );
-        assert_eq!(
-            f.target(&"/api/classify/x?y=1".parse().unwrap())
-                .unwrap()
-                .to_string(),
-            "http://u:1/internal/x?y=1"
-        );
-        let g = Forwarder::new(
-            "http://u:1".parse().unwrap(),
-            None,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-        );
-        assert_eq!(
-            g.target(&"/predictions/m".parse().unwrap())
-                .unwrap()
-                .to_string(),
-            "http://u:1/predictions/m"
-        );
-        assert_eq!(
-            g.target(&"/predictions/m?v=2&x".parse().unwrap())
-                .unwrap()
-                .to_string(),
-            "http://u:1/predictions/m?v=2&x"
-        );
-        let slash = Forwarder::new(
-            "http://u:1/".parse().unwrap(),
-            None,
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-        );
-        assert_eq!(
-            slash.target(&"/a/b".parse().unwrap()).unwrap().to_string(),
-            "http://u:1/a/b"
-        );
+        // (base, strip prefix, request path, upstream URL)
+        let cases = [
+            (
+                "http://u:1/internal",
+                Some("/api/classify"),
+                "/api/classify/x?y=1",
+                "http://u:1/internal/x?y=1",
+            ),
+            (
+                "http://u:1",
+                None,
+                "/predictions/m",
+                "http://u:1/predictions/m",
+            ),
+            (
+                "http://u:1",
+                None,
+                "/predictions/m?v=2&x",
+                "http://u:1/predictions/m?v=2&x",
+            ),
+            ("http://u:1/", None, "/a/b", "http://u:1/a/b"),
+        ];
+        for (base, strip, path, want) in cases {
+            let f = Forwarder::new(
+                base.parse().unwrap(),
+                strip.map(String::from),
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+            );
+            let got = f.target(&path.parse().unwrap()).unwrap();
+            assert_eq!(got.to_string(), want, "{base} {strip:?} {path}");
+        }
     }
 
     #[test]
