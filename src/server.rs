@@ -157,8 +157,9 @@ pub async fn start(
 ) -> Result<RunningServer, ServerError> {
     let guard = Guard::new(cfg, detector)?;
     let listen = cfg.server.listen.as_str();
-    let listener = std::net::TcpListener::bind(listen).map_err(bind_error(listen))?;
-    listener.set_nonblocking(true).map_err(bind_error(listen))?;
+    // Bound through Tokio for its SO_REUSEADDR (a restart must not wait out TIME_WAIT), then
+    // handed to the I/O threads, which register it with their own runtimes.
+    let listener = bind(listen).await?.into_std().map_err(bind_error(listen))?;
     let addr = listener.local_addr().map_err(bind_error(listen))?;
     let ops_listener = bind(&cfg.server.ops_listen).await?;
     let ops_addr = ops_listener
@@ -166,11 +167,13 @@ pub async fn start(
         .map_err(bind_error(&cfg.server.ops_listen))?;
     let token = CancellationToken::new();
     let threads = io_thread_count(cfg.server.io_threads);
+    // Each thread gets its own route table, so its own upstream connection pools: an upstream
+    // connection is driven by the thread whose requests use it.
+    let tables = (0..threads)
+        .map(|_| RouteTable::from_config(cfg, &guard))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut tasks = Vec::with_capacity(threads + 1);
-    for i in 0..threads {
-        // Each thread gets its own route table, so its own upstream connection pools: an
-        // upstream connection is driven by the thread whose requests use it.
-        let table = RouteTable::from_config(cfg, &guard)?;
+    for (i, table) in tables.into_iter().enumerate() {
         let app = api::router(guard.clone()).fallback_service(table);
         match spawn_io_thread(i, &listener, app, token.clone()) {
             Ok(drained) => tasks.push(drained),
