@@ -14,9 +14,10 @@
 # what a client sees at that load; the table has the same columns (req/s is then just RATE).
 #
 # MODE=instructions counts what each proxy executes per request (valgrind's callgrind, static
-# upstream): nginx, the guard on a cache hit (`flag`), and the guard passing through (`off`, the
-# floor of its HTTP stack). Counts do not depend on what else the machine runs, so they compare
-# builds on a shared machine where req/s and CPU time drift by tens of percent.
+# upstream): nginx, the guard on a cache hit (`flag`), the guard passing through (`off`: its
+# forwarding layer with no guard work), and examples/hyper_floor.rs (hyper alone: the floor under
+# that layer). Counts do not depend on what else the machine runs, so they compare builds on a
+# shared machine where req/s and CPU time drift by tens of percent.
 #
 # Upstreams (UPSTREAMS, space-separated):
 #   static   nginx answering every POST with a fixed JSON (`return 200`): the cheapest upstream
