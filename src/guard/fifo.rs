@@ -66,36 +66,22 @@ impl<V: Clone> FifoMap<V> {
     /// Writes `value`, restarting the key's retention, and drops what is over the bound or
     /// expired.
     pub(crate) fn insert(&self, key: u128, value: V) {
-        let now = Instant::now();
-        let mut shard = self.shard(key);
-        shard.writes += 1;
-        let write = shard.writes;
-        shard.entries.insert(
-            key,
-            Stamped {
-                value,
-                at: now,
-                write,
-            },
-        );
-        shard.order.push_back((key, write));
-        shard.evict(self.per_shard, now, self.retention);
+        self.shard(key)
+            .write(key, value, self.per_shard, self.retention);
     }
 
-    /// Writes `value` only if the key is held (and not expired).
+    /// Writes `value` only if the key is held (and not expired), under one lock.
     pub(crate) fn replace(&self, key: u128, value: V) {
-        if self.get(key).is_some() {
-            self.insert(key, value);
+        let mut shard = self.shard(key);
+        if shard.live(key, self.retention).is_some() {
+            shard.write(key, value, self.per_shard, self.retention);
         }
     }
 
     /// The value, unless absent or expired.
     pub(crate) fn get(&self, key: u128) -> Option<V> {
-        let shard = self.shard(key);
-        shard
-            .entries
-            .get(&key)
-            .filter(|e| e.at.elapsed() < self.retention)
+        self.shard(key)
+            .live(key, self.retention)
             .map(|e| e.value.clone())
     }
 
@@ -110,6 +96,28 @@ impl<V: Clone> FifoMap<V> {
 }
 
 impl<V> Shard<V> {
+    fn live(&self, key: u128, retention: Duration) -> Option<&Stamped<V>> {
+        self.entries
+            .get(&key)
+            .filter(|e| e.at.elapsed() < retention)
+    }
+
+    fn write(&mut self, key: u128, value: V, bound: usize, retention: Duration) {
+        let now = Instant::now();
+        self.writes += 1;
+        let write = self.writes;
+        self.entries.insert(
+            key,
+            Stamped {
+                value,
+                at: now,
+                write,
+            },
+        );
+        self.order.push_back((key, write));
+        self.evict(bound, now, retention);
+    }
+
     fn evict(&mut self, bound: usize, now: Instant, retention: Duration) {
         while let Some(&(key, write)) = self.order.front() {
             let current = self.entries.get(&key).filter(|e| e.write == write);

@@ -203,8 +203,8 @@ mod tests {
         VerdictRegistry::new(100, Duration::from_secs(60))
     }
 
-    #[tokio::test]
-    async fn a_settled_record_is_kept_as_its_report_json() {
+    #[test]
+    fn a_settled_record_is_kept_as_its_report_json() {
         let reg = registry();
         let rec = record(InstanceSlot::resolved(
             Some(3),
@@ -221,8 +221,8 @@ mod tests {
         assert_eq!(back["verdict"], "ood");
     }
 
-    #[tokio::test]
-    async fn a_live_record_settles_when_its_outcome_arrives() {
+    #[test]
+    fn a_live_record_settles_when_its_outcome_arrives() {
         let reg = registry();
         let (tx, rx) = tokio::sync::watch::channel(None);
         let rec = record(InstanceSlot {
@@ -244,8 +244,8 @@ mod tests {
         assert_eq!(back["verdict"], "in-distribution");
     }
 
-    #[tokio::test]
-    async fn when_full_the_oldest_ids_go_and_the_newest_stay() {
+    #[test]
+    fn when_full_the_oldest_ids_go_and_the_newest_stay() {
         let reg = VerdictRegistry::new(100, Duration::from_secs(60));
         let mut ids = Vec::new();
         for i in 0..1_000 {
@@ -268,8 +268,8 @@ mod tests {
         assert!(reg.records.len() <= 100);
     }
 
-    #[tokio::test]
-    async fn unknown_malformed_and_forgotten_ids_are_absent() {
+    #[test]
+    fn unknown_malformed_and_forgotten_ids_are_absent() {
         let reg = registry();
         assert!(reg.get("not-a-uuid").is_none());
         assert!(reg.get(&uuid::Uuid::new_v4().to_string()).is_none());

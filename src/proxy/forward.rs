@@ -12,6 +12,7 @@ use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -93,15 +94,19 @@ impl Forwarder {
     }
 
     fn target(&self, uri: &Uri) -> Result<Uri, GuardError> {
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(self.path_and_query(uri)?);
+        Uri::from_parts(parts).map_err(|e| GuardError::BadRequest(format!("path: {e}")))
+    }
+
+    /// The upstream path: the base URL's path, then the request's (less the stripped prefix).
+    fn path_and_query(&self, uri: &Uri) -> Result<PathAndQuery, GuardError> {
         // The common route forwards the path as it came: no string to build.
         if self.strip_prefix.is_none() && matches!(self.base.path(), "" | "/") {
-            let mut parts = self.base.clone().into_parts();
-            parts.path_and_query = uri.path_and_query().cloned();
-            if parts.path_and_query.is_none() {
-                parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
-            }
-            return Uri::from_parts(parts)
-                .map_err(|e| GuardError::BadRequest(format!("path: {e}")));
+            return Ok(uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")));
         }
         let path = uri.path();
         let path = match &self.strip_prefix {
@@ -119,12 +124,8 @@ impl Forwarder {
             None => format!("{base_path}{sep}{path}"),
         };
         let pq = if pq.is_empty() { "/".to_string() } else { pq };
-        let mut parts = self.base.clone().into_parts();
-        parts.path_and_query = Some(
-            pq.parse()
-                .map_err(|e| GuardError::BadRequest(format!("path: {e}")))?,
-        );
-        Uri::from_parts(parts).map_err(|e| GuardError::BadRequest(format!("path: {e}")))
+        pq.parse()
+            .map_err(|e| GuardError::BadRequest(format!("path: {e}")))
     }
 
     /// Sends `req` upstream and returns its response with a streaming body.
