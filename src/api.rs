@@ -13,13 +13,15 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::StatusCode;
-use http::header::CONTENT_TYPE;
 
 use crate::guard::Guard;
 use crate::guard::registry::Entry;
 
 /// Longest an SSE stream stays open waiting for a verdict.
 const SSE_MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// Every path of the verdict API starts with this.
+pub const PREFIX: &str = "/diffguard/v1/";
 
 /// Routes of the verdict API.
 pub fn router(guard: Arc<Guard>) -> Router {
@@ -47,9 +49,7 @@ fn not_found(id: &str) -> Response {
 async fn verdict(State(guard): State<Arc<Guard>>, Path(id): Path<String>) -> Response {
     match guard.registry().get(&id) {
         None => not_found(&id),
-        Some(Entry::Settled(json)) => {
-            (StatusCode::OK, [(CONTENT_TYPE, "application/json")], json).into_response()
-        }
+        Some(Entry::Settled(report)) => (StatusCode::OK, Json(report)).into_response(),
         Some(Entry::Live(rec)) => {
             let status = if rec.done() {
                 StatusCode::OK
@@ -66,18 +66,18 @@ async fn events(State(guard): State<Arc<Guard>>, Path(id): Path<String>) -> Resp
         return not_found(&id);
     };
     let stream = futures_util::stream::once(async move {
-        let event = match entry {
-            Entry::Settled(json) => Event::default()
-                .event("verdict")
-                .data(String::from_utf8_lossy(&json)),
+        let (name, report) = match entry {
+            Entry::Settled(report) => ("verdict", report),
             Entry::Live(rec) => {
                 let done = rec.wait(SSE_MAX_WAIT).await;
-                Event::default()
-                    .event(if done { "verdict" } else { "timeout" })
-                    .json_data(rec.report())
-                    .unwrap_or_else(|_| Event::default().event("error"))
+                let name = if done { "verdict" } else { "timeout" };
+                (name, Arc::new(rec.report()))
             }
         };
+        let event = Event::default()
+            .event(name)
+            .json_data(&*report)
+            .unwrap_or_else(|_| Event::default().event("error"));
         Ok::<_, Infallible>(event)
     });
     Sse::new(stream)

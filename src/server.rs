@@ -7,13 +7,21 @@
 //! guard's CPU beyond its own work (`benches/proxy_vs_nginx.md`). Work that outlives a request
 //! (late verdicts, cache fills, the webhook) runs on the caller's runtime, which outlives them.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use futures_util::future::BoxFuture;
+use http::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use crate::config::Config;
 use crate::error::GuardError;
@@ -121,12 +129,98 @@ async fn serve(listener: TcpListener, app: axum::Router, token: CancellationToke
 /// Resolves (with an error, as the sender is dropped) when a listener has drained.
 type Drained = tokio::sync::oneshot::Receiver<()>;
 
+/// One proxy connection's service: the verdict API under its prefix, the routes elsewhere.
+///
+/// It stands where `axum::serve` and a router did: the routes are dispatched straight from the
+/// table, without a router clone, a connect-info layer and a boxed route future per request
+/// (`benches/proxy_vs_nginx.md`, session 10).
+#[derive(Clone)]
+struct ProxyConnection {
+    peer: SocketAddr,
+    routes: RouteTable,
+    api: axum::Router,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyConnection {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let mut req = req.map(axum::body::Body::new);
+        // Where `axum::serve` put it: the forwarder and handlers read the client address there.
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        if req.uri().path().starts_with(api::PREFIX) {
+            Box::pin(self.api.clone().oneshot(req))
+        } else {
+            self.routes.dispatch(req)
+        }
+    }
+}
+
+/// Errors of `accept` that concern one connection only: the next accept is unaffected.
+fn connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    )
+}
+
+/// Serves the proxy on `listener` until `token` is cancelled, then lets open connections finish
+/// their requests (each closes once idle).
+async fn serve_proxy(
+    listener: TcpListener,
+    routes: RouteTable,
+    api: axum::Router,
+    token: CancellationToken,
+) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = token.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) if connection_error(&e) => continue,
+            Err(e) => {
+                // Out of descriptors, most likely: give connections time to close.
+                tracing::error!(error = %e, "accept failed; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // Small answers go out at once rather than wait for the client's ACK (Nagle).
+        let _ = stream.set_nodelay(true);
+        let svc = ProxyConnection {
+            peer,
+            routes: routes.clone(),
+            api: api.clone(),
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 /// Starts one I/O thread serving `app` from its own handle on the shared listening socket.
 /// The runtime and the listener's registration are made here, so their errors stop the start.
 fn spawn_io_thread(
     index: usize,
     listener: &std::net::TcpListener,
-    app: axum::Router,
+    routes: RouteTable,
+    api: axum::Router,
     token: CancellationToken,
 ) -> Result<Drained, ServerError> {
     let runtime: Runtime = tokio::runtime::Builder::new_current_thread()
@@ -142,7 +236,7 @@ fn spawn_io_thread(
     std::thread::Builder::new()
         .name(format!("diffguard-io-{index}"))
         .spawn(move || {
-            runtime.block_on(serve(listener, app, token));
+            runtime.block_on(serve_proxy(listener, routes, api, token));
             drop(drained);
         })
         .map_err(ServerError::Thread)?;
@@ -174,8 +268,9 @@ pub async fn start(
         .collect::<Result<Vec<_>, _>>()?;
     let mut tasks = Vec::with_capacity(threads + 1);
     for (i, table) in tables.into_iter().enumerate() {
-        let app = api::router(guard.clone()).fallback_service(table);
-        match spawn_io_thread(i, &listener, app, token.clone()) {
+        // A path under the API's prefix that names no API endpoint is still a route's.
+        let api = api::router(guard.clone()).fallback_service(table.clone());
+        match spawn_io_thread(i, &listener, table, api, token.clone()) {
             Ok(drained) => tasks.push(drained),
             Err(e) => {
                 // The threads already started stop with the token.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use diffguard::guard::Detector;
+use diffguard::guard::{Detector, Verdict};
 
 fn route(mode: &str, fail_mode: &str, wait_ms: u64) -> String {
     format!(
@@ -423,9 +423,8 @@ async fn a_late_verdict_settles_after_the_io_threads_have_stopped() {
         matches!(guard.registry().get(&id), Some(Entry::Settled(_)))
     })
     .await;
-    let Some(Entry::Settled(json)) = guard.registry().get(&id) else {
+    let Some(Entry::Settled(report)) = guard.registry().get(&id) else {
         unreachable!()
     };
-    let report: serde_json::Value = serde_json::from_slice(&json).unwrap();
-    assert_eq!(report["verdict"], "ood");
+    assert_eq!(report.verdict, Verdict::Ood);
 }

@@ -74,22 +74,30 @@ impl RouteGuard {
     }
 }
 
+/// What every request of one guarded route shares.
+struct RouteState {
+    guard: Arc<Guard>,
+    route: RouteGuard,
+    metrics: RouteMetrics,
+}
+
 /// Tower layer putting the guard around a service whose answers carry the predicted label.
 #[derive(Clone)]
 pub struct DiffGuardLayer {
-    guard: Arc<Guard>,
-    route: Arc<RouteGuard>,
-    metrics: Arc<RouteMetrics>,
+    state: Arc<RouteState>,
 }
 
 impl DiffGuardLayer {
     /// Guards one route with shared guard state.
     pub fn new(guard: Arc<Guard>, route: RouteGuard) -> Self {
         let mode = format!("{:?}", route.policy.mode).to_lowercase();
+        let metrics = RouteMetrics::new(&route.name, &mode);
         Self {
-            guard,
-            metrics: Arc::new(RouteMetrics::new(&route.name, &mode)),
-            route: Arc::new(route),
+            state: Arc::new(RouteState {
+                guard,
+                route,
+                metrics,
+            }),
         }
     }
 }
@@ -98,9 +106,7 @@ impl<S> Layer<S> for DiffGuardLayer {
     type Service = DiffGuardService<S>;
     fn layer(&self, inner: S) -> Self::Service {
         DiffGuardService {
-            guard: self.guard.clone(),
-            route: self.route.clone(),
-            metrics: self.metrics.clone(),
+            state: self.state.clone(),
             inner,
         }
     }
@@ -109,10 +115,21 @@ impl<S> Layer<S> for DiffGuardLayer {
 /// The service made by [`DiffGuardLayer`].
 #[derive(Clone)]
 pub struct DiffGuardService<S> {
-    guard: Arc<Guard>,
-    route: Arc<RouteGuard>,
-    metrics: Arc<RouteMetrics>,
+    state: Arc<RouteState>,
     inner: S,
+}
+
+impl<S> DiffGuardService<S>
+where
+    S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    /// Serves one request from a shared reference: the guard is always ready, and readiness of
+    /// the inner service is checked on the clone that serves the call.
+    pub fn serve(&self, req: Request<Body>) -> BoxFuture<'static, Result<Response, Infallible>> {
+        let (state, inner) = (self.state.clone(), self.inner.clone());
+        Box::pin(async move { Ok(handle(&state, inner, req).await) })
+    }
 }
 
 impl<S> Service<Request<Body>> for DiffGuardService<S>
@@ -125,14 +142,11 @@ where
     type Future = BoxFuture<'static, Result<Response, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        // Readiness is checked on the clone that serves the call (below).
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let (guard, route) = (self.guard.clone(), self.route.clone());
-        let (metrics, inner) = (self.metrics.clone(), self.inner.clone());
-        Box::pin(async move { Ok(handle(guard, route, metrics, inner, req).await) })
+        self.serve(req)
     }
 }
 
@@ -155,17 +169,16 @@ pub fn strip_guard_headers(headers: &mut HeaderMap) {
     }
 }
 
-async fn handle<S>(
-    guard: Arc<Guard>,
-    route: Arc<RouteGuard>,
-    metrics: Arc<RouteMetrics>,
-    inner: S,
-    mut req: Request<Body>,
-) -> Response
+async fn handle<S>(state: &Arc<RouteState>, inner: S, mut req: Request<Body>) -> Response
 where
     S: Service<Request<Body>, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
+    let RouteState {
+        guard,
+        route,
+        metrics,
+    } = &**state;
     let started = Instant::now();
     let span = tracing::info_span!(
         "diffguard.request",
@@ -189,7 +202,7 @@ where
     telemetry::extract_parent(&span, req.headers());
     strip_guard_headers(req.headers_mut());
     let mut upstream_time = Duration::ZERO;
-    let resp = run(&guard, &route, &metrics, inner, req, &mut upstream_time)
+    let resp = run(state, inner, req, &mut upstream_time)
         .instrument(span.clone())
         .await;
     let resp = resp.unwrap_or_else(|e| {
@@ -233,9 +246,7 @@ async fn buffer(body: Body, limit: usize) -> Result<Bytes, GuardError> {
 }
 
 async fn run<S>(
-    guard: &Arc<Guard>,
-    route: &RouteGuard,
-    metrics: &Arc<RouteMetrics>,
+    state: &Arc<RouteState>,
     inner: S,
     req: Request<Body>,
     upstream_time: &mut Duration,
@@ -243,6 +254,7 @@ async fn run<S>(
 where
     S: Service<Request<Body>, Response = Response, Error = Infallible>,
 {
+    let RouteState { guard, route, .. } = &**state;
     // Only requests with a body are predictions; GET/HEAD (metadata, health) pass as they are.
     let has_body = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
     if route.policy.mode == PolicyMode::Off || !has_body {
@@ -297,7 +309,8 @@ where
     let record = Arc::new(record);
     tracing::Span::current().record("diffguard.id", record.id.as_str());
 
-    if policy::waits(route.policy.mode) {
+    // Cache hits are done already: no wait, no span for it.
+    if policy::waits(route.policy.mode) && !record.done() {
         let budget = Duration::from_millis(route.policy.wait_ms);
         record
             .wait(budget)
@@ -307,13 +320,13 @@ where
             ))
             .await;
     }
-    let report = record.report();
+    let report = Arc::new(record.report());
     // The client learns the id from this response, so registering it now is early enough, and
     // the report just taken serves both the registry and the response.
     guard.registry().insert(&record, &report);
-    observe(guard, metrics, &report, &record);
+    observe(state, &report, &record);
     match policy::decide(&route.policy, report.verdict) {
-        policy::Decision::Reject => Err(GuardError::Rejected(Box::new(report))),
+        policy::Decision::Reject => Err(GuardError::Rejected(Box::new((*report).clone()))),
         // Fail closed with no readable prediction: the upstream's answer is at fault, not the scorer.
         policy::Decision::Unavailable if unreadable(&report) => {
             Err(GuardError::UpstreamUnreadable(
@@ -324,7 +337,9 @@ where
                     .unwrap_or_default(),
             ))
         }
-        policy::Decision::Unavailable => Err(GuardError::VerdictUnavailable(Box::new(report))),
+        policy::Decision::Unavailable => {
+            Err(GuardError::VerdictUnavailable(Box::new((*report).clone())))
+        }
         policy::Decision::Pass {
             annotate: false, ..
         } => Ok(Response::from_parts(parts, Body::from(body))),
@@ -407,12 +422,8 @@ async fn score(
 
 /// Span attributes, metrics, the OOD event and webhook; late verdicts are observed when they
 /// arrive, and their record, registered live, is then settled in the registry.
-fn observe(
-    guard: &Arc<Guard>,
-    metrics: &Arc<RouteMetrics>,
-    report: &VerdictReport,
-    record: &Arc<RequestRecord>,
-) {
+fn observe(state: &Arc<RouteState>, report: &VerdictReport, record: &Arc<RequestRecord>) {
+    let RouteState { guard, metrics, .. } = &**state;
     let span = tracing::Span::current();
     // A disabled span (no exporter, no span logging) would drop the joined strings unread.
     if !span.is_disabled() {
@@ -422,17 +433,16 @@ fn observe(
         record_outcome(guard, metrics, report);
         return;
     }
-    let (metrics, record, parent) = (metrics.clone(), record.clone(), span.clone());
-    let owned = guard.clone();
+    let (state, record, parent) = (state.clone(), record.clone(), span.clone());
     guard.spawn_background(async move {
-        let guard = owned;
+        let RouteState { guard, metrics, .. } = &*state;
         // Bounded: the registry forgets the id after its retention anyway.
         record.wait(Duration::from_secs(300)).await;
         guard.registry().settle(&record);
         let late = tracing::info_span!("diffguard.late_verdict", diffguard.id = %record.id, diffguard.route = %record.route);
         late.follows_from(&parent);
         let _e = late.enter();
-        record_outcome(&guard, &metrics, &record.report());
+        record_outcome(guard, metrics, &record.report());
     });
 }
 
@@ -522,32 +532,30 @@ fn annotate(
 ) -> Response {
     let h = &mut parts.headers;
     h.insert(&H_VERDICT, HeaderValue::from_static(shown.as_str()));
-    set_header(h, &H_ID, &report.id);
-    set_header(
-        h,
-        &H_CACHE,
-        &join(report, |i| Some(i.cache.as_str().to_string())),
-    );
-    if report.instances.iter().any(|i| i.label.is_some()) {
-        set_header(
-            h,
-            &H_LABEL,
-            &join(report, |i| i.label.map(|l| l.to_string())),
-        );
+    set_header(h, &H_ID, report.id.clone());
+    // One image is the common request: its fixed-text and integer values need no string.
+    match report.instances.as_slice() {
+        [one] => {
+            h.insert(&H_CACHE, HeaderValue::from_static(one.cache.as_str()));
+            if let Some(l) = one.label {
+                h.insert(&H_LABEL, HeaderValue::from(l));
+            }
+        }
+        _ => {
+            set_header(h, &H_CACHE, join(report, |i| Some(i.cache.as_str().into())));
+            if report.instances.iter().any(|i| i.label.is_some()) {
+                let labels = join(report, |i| i.label.map(|l| l.to_string()));
+                set_header(h, &H_LABEL, labels);
+            }
+        }
     }
     // Shortest decimals that read back as the same f32: `score > threshold` holds for the
     // printed values exactly when it held for the scores.
     if report.instances.iter().any(|i| i.score.is_some()) {
-        set_header(
-            h,
-            &H_SCORE,
-            &join(report, |i| i.score.map(|s| s.to_string())),
-        );
-        set_header(
-            h,
-            &H_THRESHOLD,
-            &join(report, |i| i.threshold.map(|s| s.to_string())),
-        );
+        let scores = join(report, |i| i.score.map(|s| s.to_string()));
+        set_header(h, &H_SCORE, scores);
+        let thresholds = join(report, |i| i.threshold.map(|s| s.to_string()));
+        set_header(h, &H_THRESHOLD, thresholds);
     }
     let body = if inject_body {
         inject(&mut parts.headers, body, report, shown)
@@ -557,8 +565,10 @@ fn annotate(
     Response::from_parts(parts, Body::from(body))
 }
 
-fn set_header(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
+/// Sets a header from a string the guard built (ids, labels, numbers: always valid), taking
+/// its buffer rather than copying it.
+fn set_header(headers: &mut HeaderMap, name: &HeaderName, value: String) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
         headers.insert(name, v);
     }
 }

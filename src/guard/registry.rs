@@ -4,8 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::fifo::FifoMap;
 use super::queue::Slot;
 use super::verdict::{CacheStatus, InstanceReport, Outcome, Verdict, VerdictReport};
@@ -115,10 +113,11 @@ impl RequestRecord {
 pub enum Entry {
     /// Some instance is still being scored: the record with its outcome channels.
     Live(Arc<RequestRecord>),
-    /// Every outcome is known: only the final report, rendered as the JSON the API serves. A
-    /// record with its channels and diagnostics maps costs ~2 KB; this costs a few hundred bytes,
-    /// and under load almost every request is settled when it is answered (cache hits).
-    Settled(Bytes),
+    /// Every outcome is known: only the final report, the one the response was built from. A
+    /// record with its channels costs ~2 KB; a report a few hundred bytes (its diagnostics are
+    /// shared with the cache), and under load almost every request is settled when it is
+    /// answered (cache hits). It is rendered as JSON only when its id is read, which few are.
+    Settled(Arc<VerdictReport>),
 }
 
 /// Verdict ids → records, bounded and expiring.
@@ -140,19 +139,24 @@ impl VerdictRegistry {
 
     /// Remembers a record as `report` (its snapshot, taken by the caller) shows it: settled when
     /// that report is final, live otherwise (then [`Self::settle`] it once it finishes).
-    pub fn insert(&self, rec: &Arc<RequestRecord>, report: &VerdictReport) {
+    pub fn insert(&self, rec: &Arc<RequestRecord>, report: &Arc<VerdictReport>) {
         let Some(key) = key_of(&rec.id) else {
             return;
         };
-        let entry = settled(report).unwrap_or_else(|| Entry::Live(rec.clone()));
+        let entry = if report.is_final() {
+            Entry::Settled(report.clone())
+        } else {
+            Entry::Live(rec.clone())
+        };
         self.records.insert(key, entry);
     }
 
     /// Replaces a live record that has finished by its compact form; an id the registry has
     /// already forgotten stays forgotten.
     pub fn settle(&self, rec: &RequestRecord) {
-        if let (Some(key), Some(entry)) = (key_of(&rec.id), settled(&rec.report())) {
-            self.records.replace(key, entry);
+        let report = rec.report();
+        if let (Some(key), true) = (key_of(&rec.id), report.is_final()) {
+            self.records.replace(key, Entry::Settled(Arc::new(report)));
         }
     }
 
@@ -165,16 +169,6 @@ impl VerdictRegistry {
 /// Ids are UUIDs; anything else is unknown.
 fn key_of(id: &str) -> Option<u128> {
     uuid::Uuid::parse_str(id).ok().map(|u| u.as_u128())
-}
-
-/// The compact entry of a final report; `None` while any instance is pending.
-fn settled(report: &VerdictReport) -> Option<Entry> {
-    if !report.is_final() {
-        return None;
-    }
-    serde_json::to_vec(report)
-        .ok()
-        .map(|json| Entry::Settled(Bytes::from(json)))
 }
 
 #[cfg(test)]
@@ -204,7 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn a_settled_record_is_kept_as_its_report_json() {
+    fn a_settled_record_is_kept_as_its_report() {
         let reg = registry();
         let rec = record(InstanceSlot::resolved(
             Some(3),
@@ -212,13 +206,12 @@ mod tests {
             CacheStatus::Hit,
             scored(2.5),
         ));
-        reg.insert(&rec, &rec.report());
-        let Some(Entry::Settled(json)) = reg.get(&rec.id) else {
+        reg.insert(&rec, &Arc::new(rec.report()));
+        let Some(Entry::Settled(report)) = reg.get(&rec.id) else {
             panic!("a finished record must be stored settled");
         };
-        let back: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        assert_eq!(back, serde_json::to_value(rec.report()).expect("report"));
-        assert_eq!(back["verdict"], "ood");
+        assert_eq!(*report, rec.report());
+        assert_eq!(report.verdict, Verdict::Ood);
     }
 
     #[test]
@@ -231,17 +224,16 @@ mod tests {
             cache: CacheStatus::Miss,
             slot: rx,
         });
-        reg.insert(&rec, &rec.report());
+        reg.insert(&rec, &Arc::new(rec.report()));
         assert!(matches!(reg.get(&rec.id), Some(Entry::Live(_))));
         reg.settle(&rec); // not done yet: stays live
         assert!(matches!(reg.get(&rec.id), Some(Entry::Live(_))));
         tx.send(Some(scored(0.5))).expect("receiver alive");
         reg.settle(&rec);
-        let Some(Entry::Settled(json)) = reg.get(&rec.id) else {
+        let Some(Entry::Settled(report)) = reg.get(&rec.id) else {
             panic!("a finished record must settle");
         };
-        let back: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        assert_eq!(back["verdict"], "in-distribution");
+        assert_eq!(report.verdict, Verdict::InDistribution);
     }
 
     #[test]
@@ -255,7 +247,7 @@ mod tests {
                 CacheStatus::Miss,
                 scored(i as f32),
             ));
-            reg.insert(&rec, &rec.report());
+            reg.insert(&rec, &Arc::new(rec.report()));
             ids.push(rec.id.clone());
         }
         for id in &ids[990..] {

@@ -15,15 +15,15 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use http::Request;
-use tower::util::BoxCloneSyncService;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 pub use self::forward::Forwarder;
 use crate::config::Config;
 use crate::error::GuardError;
-use crate::guard::{DiffGuardLayer, Guard, RouteGuard};
+use crate::guard::{DiffGuardLayer, DiffGuardService, Guard, RouteGuard};
 
-type RouteService = BoxCloneSyncService<Request<Body>, Response, Infallible>;
+/// What serves one route: the guard around the forwarder to its upstream.
+type RouteService = DiffGuardService<Forwarder>;
 
 /// Longest-prefix dispatch to one guarded forwarder per route.
 #[derive(Clone)]
@@ -53,7 +53,7 @@ impl RouteTable {
                 RouteGuard::from_config(r, cfg.detector.num_classes),
             )
             .layer(fwd);
-            routes.push((r.prefix.clone(), BoxCloneSyncService::new(svc)));
+            routes.push((r.prefix.clone(), svc));
         }
         routes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         Ok(Self {
@@ -61,11 +61,22 @@ impl RouteTable {
         })
     }
 
-    fn find(&self, path: &str) -> Option<RouteService> {
-        self.routes
+    /// Serves `req` on the route with the longest matching prefix (404 when none matches).
+    /// Every route service is always ready and serves a call from a shared reference, so the
+    /// table needs no clone, readiness check or boxing of its own per request.
+    pub fn dispatch(&self, req: Request<Body>) -> BoxFuture<'static, Result<Response, Infallible>> {
+        let path = req.uri().path();
+        match self
+            .routes
             .iter()
             .find(|(p, _)| path.starts_with(p.as_str()))
-            .map(|(_, s)| s.clone())
+        {
+            Some((_, svc)) => svc.serve(req),
+            None => {
+                let resp = GuardError::NoRoute(path.to_string()).into_response();
+                Box::pin(std::future::ready(Ok(resp)))
+            }
+        }
     }
 }
 
@@ -79,12 +90,6 @@ impl Service<Request<Body>> for RouteTable {
     }
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let svc = self.find(req.uri().path());
-        Box::pin(async move {
-            match svc {
-                Some(s) => s.oneshot(req).await,
-                None => Ok(GuardError::NoRoute(req.uri().path().to_string()).into_response()),
-            }
-        })
+        self.dispatch(req)
     }
 }

@@ -46,7 +46,7 @@ pub fn extract_predictions(
     body: &[u8],
 ) -> Result<Vec<Prediction>, ResponseAdapterError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| ResponseAdapterError::NotJson)?;
-    let at = |p: &str| if p.is_empty() { Some(&v) } else { v.pointer(p) };
+    let at = |p: &str| pointer(&v, p);
     match cfg {
         ResponseAdapterConfig::PointerIndex { pointer, logits } => {
             let i = at(pointer)
@@ -54,7 +54,11 @@ pub fn extract_predictions(
                 .ok_or_else(|| missing(format!("{pointer} (integer)")))?;
             Ok(vec![Prediction {
                 label: UpstreamLabel::Index(i),
-                logits: logits.as_deref().and_then(&at).and_then(floats),
+                logits: logits
+                    .as_deref()
+                    .and_then(&at)
+                    .and_then(Value::as_array)
+                    .and_then(|a| floats(a)),
             }])
         }
         ResponseAdapterConfig::PointerName { pointer, logits } => {
@@ -63,7 +67,11 @@ pub fn extract_predictions(
                 .ok_or_else(|| missing(format!("{pointer} (string)")))?;
             Ok(vec![Prediction {
                 label: UpstreamLabel::Name(s.into()),
-                logits: logits.as_deref().and_then(&at).and_then(floats),
+                logits: logits
+                    .as_deref()
+                    .and_then(&at)
+                    .and_then(Value::as_array)
+                    .and_then(|a| floats(a)),
             }])
         }
         ResponseAdapterConfig::Argmax { pointer } => {
@@ -73,14 +81,14 @@ pub fn extract_predictions(
             if a.first().is_some_and(Value::is_array) {
                 a.iter()
                     .map(|row| {
-                        scores_prediction(row)
+                        row.as_array()
+                            .and_then(|r| scores_prediction(r))
                             .ok_or_else(|| missing(format!("{pointer} (number rows)")))
                     })
                     .collect()
             } else {
                 Ok(vec![
-                    scores_prediction(&Value::Array(a.clone()))
-                        .ok_or_else(|| missing(format!("{pointer} (numbers)")))?,
+                    scores_prediction(a).ok_or_else(|| missing(format!("{pointer} (numbers)")))?,
                 ])
             }
         }
@@ -112,11 +120,40 @@ pub fn extract_predictions(
     }
 }
 
-fn floats(v: &Value) -> Option<Vec<f32>> {
-    v.as_array()?
-        .iter()
-        .map(|x| x.as_f64().map(|f| f as f32))
-        .collect()
+/// `Value::pointer` (RFC 6901), without its allocation per token: the route's pointer is walked
+/// on every answer. An empty pointer is the whole document.
+fn pointer<'a>(v: &'a Value, pointer: &str) -> Option<&'a Value> {
+    if pointer.contains('~') {
+        // Escaped tokens (`~0`, `~1`) are rare enough to take the general path.
+        return if pointer.is_empty() {
+            Some(v)
+        } else {
+            v.pointer(pointer)
+        };
+    }
+    if pointer.is_empty() {
+        return Some(v);
+    }
+    pointer
+        .strip_prefix('/')?
+        .split('/')
+        .try_fold(v, |v, token| match v {
+            Value::Object(m) => m.get(token),
+            Value::Array(a) => array_index(token).and_then(|i| a.get(i)),
+            _ => None,
+        })
+}
+
+/// An array index token: digits, no sign, no leading zero (RFC 6901 §4).
+fn array_index(token: &str) -> Option<usize> {
+    if token.starts_with('+') || (token.len() > 1 && token.starts_with('0')) {
+        return None;
+    }
+    token.parse().ok()
+}
+
+fn floats(v: &[Value]) -> Option<Vec<f32>> {
+    v.iter().map(|x| x.as_f64().map(|f| f as f32)).collect()
 }
 
 fn argmax(xs: &[f32]) -> Option<usize> {
@@ -127,7 +164,7 @@ fn argmax(xs: &[f32]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-fn scores_prediction(v: &Value) -> Option<Prediction> {
+fn scores_prediction(v: &[Value]) -> Option<Prediction> {
     let xs = floats(v)?;
     let i = argmax(&xs)?;
     Some(Prediction {
@@ -159,7 +196,7 @@ fn any_prediction(v: &Value) -> Option<Prediction> {
             label: UpstreamLabel::Name(s.clone()),
             logits: None,
         }),
-        Value::Array(_) => scores_prediction(v),
+        Value::Array(a) => scores_prediction(a),
         Value::Object(_) => top_key(v),
         _ => None,
     }
@@ -193,10 +230,7 @@ fn oip_v2(v: &Value, name: Option<&str>) -> Result<Vec<Prediction>, ResponseAdap
     match shape.as_slice() {
         [n, k] if n * k == data.len() && *k > 0 => data
             .chunks(*k)
-            .map(|row| {
-                scores_prediction(&Value::Array(row.to_vec()))
-                    .ok_or_else(|| missing("numeric output rows"))
-            })
+            .map(|row| scores_prediction(row).ok_or_else(|| missing("numeric output rows")))
             .collect(),
         [n] | [n, 1] if *n == data.len() => data
             .iter()
@@ -269,6 +303,26 @@ mod tests {
 
     fn idx(i: i64) -> UpstreamLabel {
         UpstreamLabel::Index(i)
+    }
+
+    #[test]
+    fn pointer_walks_as_serde_json_does() {
+        let doc: Value = serde_json::from_str(
+            r#"{"a": {"b": [10, 11, {"c": 3}]}, "": 1, "x/y": 2, "m~n": 4, "01": 5, "s": "t"}"#,
+        )
+        .unwrap();
+        let cases = [
+            "", "/a", "/a/b", "/a/b/0", "/a/b/2/c", "/a/b/3", "/a/b/01", "/a/b/+1", "/a/b/-1",
+            "/a/b/x", "/", "/x~1y", "/m~0n", "/01", "/s/0", "/missing", "a", "/a/", "/a//b",
+        ];
+        for p in cases {
+            let want = if p.is_empty() {
+                Some(&doc)
+            } else {
+                doc.pointer(p)
+            };
+            assert_eq!(pointer(&doc, p), want, "pointer {p:?}");
+        }
     }
 
     #[test]

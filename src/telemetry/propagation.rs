@@ -30,6 +30,10 @@ impl Injector for HeaderInjector<'_> {
 
 /// Makes `span` a child of the client's `traceparent`, when there is one.
 pub fn extract_parent(span: &tracing::Span, headers: &HeaderMap) {
+    // A span nothing records (no exporter) has no use for a parent.
+    if span.is_disabled() {
+        return;
+    }
     let cx =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     if opentelemetry::trace::TraceContextExt::span(&cx)
