@@ -167,14 +167,43 @@ fn connection_error(e: &std::io::Error) -> bool {
     )
 }
 
+/// How often an I/O thread's timer keeper fires: sooner than any request's upstream deadline.
+fn keeper_period(cfg: &Config) -> Duration {
+    let shortest = cfg
+        .routes
+        .iter()
+        .map(|r| r.timeout_ms)
+        .min()
+        .unwrap_or(1_000);
+    Duration::from_millis((shortest / 2).clamp(10, 1_000))
+}
+
+/// Keeps a timer armed on this I/O thread, due sooner than any request's upstream deadline.
+/// Tokio wakes its driver through an eventfd (a `write` syscall, then one more turn of the event
+/// loop) whenever a timer is set that is due before every armed one; with none armed, that was
+/// most requests' upstream deadline (`strace`: 0.7 writes per cache hit, none in `hyper_floor`).
+async fn keep_timer_armed(period: Duration, token: CancellationToken) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    token
+        .run_until_cancelled(async {
+            loop {
+                tick.tick().await;
+            }
+        })
+        .await;
+}
+
 /// Serves the proxy on `listener` until `token` is cancelled, then lets open connections finish
 /// their requests (each closes once idle).
 async fn serve_proxy(
     listener: TcpListener,
     routes: RouteTable,
     api: axum::Router,
+    keeper: Duration,
     token: CancellationToken,
 ) {
+    tokio::spawn(keep_timer_armed(keeper, token.clone()));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     loop {
@@ -221,6 +250,7 @@ fn spawn_io_thread(
     listener: &std::net::TcpListener,
     routes: RouteTable,
     api: axum::Router,
+    keeper: Duration,
     token: CancellationToken,
 ) -> Result<Drained, ServerError> {
     let runtime: Runtime = tokio::runtime::Builder::new_current_thread()
@@ -236,7 +266,7 @@ fn spawn_io_thread(
     std::thread::Builder::new()
         .name(format!("diffguard-io-{index}"))
         .spawn(move || {
-            runtime.block_on(serve_proxy(listener, routes, api, token));
+            runtime.block_on(serve_proxy(listener, routes, api, keeper, token));
             drop(drained);
         })
         .map_err(ServerError::Thread)?;
@@ -266,11 +296,12 @@ pub async fn start(
     let tables = (0..threads)
         .map(|_| RouteTable::from_config(cfg, &guard))
         .collect::<Result<Vec<_>, _>>()?;
+    let keeper = keeper_period(cfg);
     let mut tasks = Vec::with_capacity(threads + 1);
     for (i, table) in tables.into_iter().enumerate() {
         // A path under the API's prefix that names no API endpoint is still a route's.
         let api = api::router(guard.clone()).fallback_service(table.clone());
-        match spawn_io_thread(i, &listener, table, api, token.clone()) {
+        match spawn_io_thread(i, &listener, table, api, keeper, token.clone()) {
             Ok(drained) => tasks.push(drained),
             Err(e) => {
                 // The threads already started stop with the token.
