@@ -12,11 +12,14 @@ COPY crates ./crates
 COPY src ./src
 COPY examples ./examples
 COPY config ./config
+# The guard is built with the `dist` profile (fat LTO, one codegen unit: 7 % fewer instructions
+# per proxied request than `release`, benches/proxy_vs_nginx.md); the example upstream needs no such care.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p diffguard --bin diffguard --example upstream \
+    cargo build --profile dist --locked -p diffguard --bin diffguard \
+ && cargo build --release --locked -p diffguard --example upstream \
  && mkdir -p /out \
- && cp target/release/diffguard /out/diffguard \
+ && cp target/dist/diffguard /out/diffguard \
  && cp target/release/examples/upstream /out/diffguard-upstream
 
 FROM debian:bookworm-slim AS runtime

@@ -62,10 +62,11 @@ P_OPS=$((BASE_PORT + 5))
 P_HYPER=$((BASE_PORT + 6))
 PATH_Q=/predictions/fashion
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-GUARD_BIN=${GUARD_BIN:-$TARGET_DIR/release/diffguard}
+# The guard and the hyper floor as shipped: the `dist` profile (fat LTO), as nginx is built -O2.
+GUARD_BIN=${GUARD_BIN:-$TARGET_DIR/dist/diffguard}
 UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET_DIR/release/examples/upstream}
 LOADGEN_BIN=${LOADGEN_BIN:-$TARGET_DIR/release/examples/loadgen}
-HYPER_BIN=${HYPER_BIN:-$TARGET_DIR/release/examples/hyper_floor}
+HYPER_BIN=${HYPER_BIN:-$TARGET_DIR/dist/examples/hyper_floor}
 RATE=${RATE:-2000}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -93,10 +94,13 @@ need_pkg nginx nginx-light nginx
 need_pkg wrk wrk
 [ "$MODE" = instructions ] && need_pkg valgrind valgrind
 command -v curl >/dev/null || die "curl missing"
-if [ ! -x "$GUARD_BIN" ] || [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$LOADGEN_BIN" ] || [ ! -x "$HYPER_BIN" ]; then
-  log "building release binaries into $TARGET_DIR"
-  cargo build --release -q -p diffguard --bin diffguard --example upstream --example loadgen \
-    --example hyper_floor
+if [ ! -x "$GUARD_BIN" ] || [ ! -x "$HYPER_BIN" ]; then
+  log "building the guard and the hyper floor (profile dist) into $TARGET_DIR"
+  cargo build --profile dist -q -p diffguard --bin diffguard --example hyper_floor
+fi
+if [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$LOADGEN_BIN" ]; then
+  log "building the example upstream and the load generator (release) into $TARGET_DIR"
+  cargo build --release -q -p diffguard --example upstream --example loadgen
 fi
 [ -f "$IMAGE" ] || die "no image $IMAGE"
 
