@@ -428,3 +428,43 @@ async fn a_late_verdict_settles_after_the_io_threads_have_stopped() {
     };
     assert_eq!(report.verdict, Verdict::Ood);
 }
+
+/// The proxy listener's own accept loop serves HTTP/1.1 and HTTP/2 (prior knowledge) alike, and
+/// dispatches by path: routes, the verdict API under its prefix, 404 elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listener_serves_http2_and_dispatches_routes_api_and_unknown_paths() {
+    let up = Upstream::example().await;
+    let g = start(&up, "flag", "open", 5_000, TestDetector::new()).await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let url = |path: &str| format!("http://{}{path}", g.addr());
+    let r = send(
+        &h2,
+        http::Request::post(url("/predictions/m"))
+            .header("content-type", "image/png")
+            .body(http_body_util::Full::new(bytes::Bytes::from(dark())))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.h("diffguard-verdict"), Some("in-distribution"));
+    let id = r.h("diffguard-id").expect("an id").to_string();
+
+    let get = |path: String| {
+        http::Request::get(url(&path))
+            .body(Default::default())
+            .unwrap()
+    };
+    let verdict = send(&h2, get(format!("/diffguard/v1/verdicts/{id}"))).await;
+    assert_eq!(verdict.status, 200, "{}", verdict.text());
+    assert_eq!(verdict.json()["verdict"], "in-distribution");
+    assert_eq!(verdict.json()["id"], id.as_str());
+    // The API's prefix with no endpoint behind it, and a path no route claims: both 404.
+    for path in ["/diffguard/v1/nothing", "/elsewhere"] {
+        let r = send(&h2, get(path.into())).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        let over_h1 = g.get(path).await;
+        assert_eq!(over_h1.status, 404, "{path} over HTTP/1.1");
+    }
+}
