@@ -26,8 +26,8 @@ pub const PREFIX: &str = "/diffguard/v1/";
 /// Routes of the verdict API.
 pub fn router(guard: Arc<Guard>) -> Router {
     Router::new()
-        .route("/diffguard/v1/verdicts/{id}", get(verdict))
-        .route("/diffguard/v1/verdicts/{id}/events", get(events))
+        .route(&format!("{PREFIX}verdicts/{{id}}"), get(verdict))
+        .route(&format!("{PREFIX}verdicts/{{id}}/events"), get(events))
         .with_state(guard)
 }
 

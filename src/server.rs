@@ -134,7 +134,6 @@ type Drained = tokio::sync::oneshot::Receiver<()>;
 /// It stands where `axum::serve` and a router did: the routes are dispatched straight from the
 /// table, without a router clone, a connect-info layer and a boxed route future per request
 /// (`benches/proxy_vs_nginx.md`, session 10).
-#[derive(Clone)]
 struct ProxyConnection {
     peer: SocketAddr,
     routes: RouteTable,

@@ -47,6 +47,12 @@ pub fn extract_predictions(
 ) -> Result<Vec<Prediction>, ResponseAdapterError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| ResponseAdapterError::NotJson)?;
     let at = |p: &str| pointer(&v, p);
+    let logits_at = |p: &Option<String>| {
+        p.as_deref()
+            .and_then(at)
+            .and_then(Value::as_array)
+            .and_then(|a| floats(a))
+    };
     match cfg {
         ResponseAdapterConfig::PointerIndex { pointer, logits } => {
             let i = at(pointer)
@@ -54,11 +60,7 @@ pub fn extract_predictions(
                 .ok_or_else(|| missing(format!("{pointer} (integer)")))?;
             Ok(vec![Prediction {
                 label: UpstreamLabel::Index(i),
-                logits: logits
-                    .as_deref()
-                    .and_then(&at)
-                    .and_then(Value::as_array)
-                    .and_then(|a| floats(a)),
+                logits: logits_at(logits),
             }])
         }
         ResponseAdapterConfig::PointerName { pointer, logits } => {
@@ -67,11 +69,7 @@ pub fn extract_predictions(
                 .ok_or_else(|| missing(format!("{pointer} (string)")))?;
             Ok(vec![Prediction {
                 label: UpstreamLabel::Name(s.into()),
-                logits: logits
-                    .as_deref()
-                    .and_then(&at)
-                    .and_then(Value::as_array)
-                    .and_then(|a| floats(a)),
+                logits: logits_at(logits),
             }])
         }
         ResponseAdapterConfig::Argmax { pointer } => {
@@ -123,16 +121,12 @@ pub fn extract_predictions(
 /// `Value::pointer` (RFC 6901), without its allocation per token: the route's pointer is walked
 /// on every answer. An empty pointer is the whole document.
 fn pointer<'a>(v: &'a Value, pointer: &str) -> Option<&'a Value> {
-    if pointer.contains('~') {
-        // Escaped tokens (`~0`, `~1`) are rare enough to take the general path.
-        return if pointer.is_empty() {
-            Some(v)
-        } else {
-            v.pointer(pointer)
-        };
-    }
     if pointer.is_empty() {
         return Some(v);
+    }
+    if pointer.contains('~') {
+        // Escaped tokens (`~0`, `~1`) are rare enough to take the general path.
+        return v.pointer(pointer);
     }
     pointer
         .strip_prefix('/')?
