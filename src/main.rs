@@ -7,6 +7,9 @@ use clap::{Parser, Subcommand};
 use diffguard::config::Config;
 use diffguard::guard::build_detector;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// DiffGuard guard: a reverse proxy that flags out-of-distribution images in front of a REST
 /// image classifier.
 #[derive(Parser)]

@@ -371,7 +371,11 @@ async fn score(
     images: &[ImageInput],
     body: &Bytes,
 ) -> RequestRecord {
-    let id = uuid::Uuid::new_v4().to_string();
+    // The encoder writes the hyphenated text directly; `to_string` went through `fmt`.
+    let id = uuid::Uuid::new_v4()
+        .hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        .to_owned();
     let record = |instances| RequestRecord {
         id: id.clone(),
         route: route.name.clone(),
@@ -455,11 +459,11 @@ fn record_span(span: &tracing::Span, report: &VerdictReport) {
     );
     span.record(
         "diffguard.score",
-        join(report, |i| i.score.map(|s| s.to_string())).as_str(),
+        join(report, |i| i.score.map(decimal)).as_str(),
     );
     span.record(
         "diffguard.threshold",
-        join(report, |i| i.threshold.map(|s| s.to_string())).as_str(),
+        join(report, |i| i.threshold.map(decimal)).as_str(),
     );
     let steps = join(report, |i| {
         i.diagnostics.get("early_stop_step").map(|s| s.to_string())
@@ -489,9 +493,7 @@ fn record_outcome(guard: &Guard, metrics: &RouteMetrics, report: &VerdictReport)
         let labels = join(report, |i| {
             ood(i).then(|| i.label.map(|l| l.to_string())).flatten()
         });
-        let scores = join(report, |i| {
-            ood(i).then_some(i.score).flatten().map(|s| s.to_string())
-        });
+        let scores = join(report, |i| ood(i).then_some(i.score).flatten().map(decimal));
         tracing::warn!(
             diffguard.id = %report.id,
             diffguard.route = %report.route,
@@ -504,6 +506,13 @@ fn record_outcome(guard: &Guard, metrics: &RouteMetrics, report: &VerdictReport)
             w.notify(report);
         }
     }
+}
+
+/// The shortest decimal that reads back as the same `f32`, as serde_json writes it in JSON
+/// bodies (`0.5`, `-6.0`, `1e-7`). `f32`'s `Display` gives the same digits at several times the
+/// cost, and two of these are formatted on every scored answer.
+fn decimal(x: f32) -> String {
+    zmij::Buffer::new().format(x).to_owned()
 }
 
 /// Per-instance values, comma-separated, `-` where an instance has none.
@@ -552,9 +561,9 @@ fn annotate(
     // Shortest decimals that read back as the same f32: `score > threshold` holds for the
     // printed values exactly when it held for the scores.
     if report.instances.iter().any(|i| i.score.is_some()) {
-        let scores = join(report, |i| i.score.map(|s| s.to_string()));
+        let scores = join(report, |i| i.score.map(decimal));
         set_header(h, &H_SCORE, scores);
-        let thresholds = join(report, |i| i.threshold.map(|s| s.to_string()));
+        let thresholds = join(report, |i| i.threshold.map(decimal));
         set_header(h, &H_THRESHOLD, thresholds);
     }
     let body = if inject_body {
@@ -587,5 +596,48 @@ fn inject(headers: &mut HeaderMap, body: Bytes, report: &VerdictReport, shown: V
             Bytes::from(v)
         }
         Err(_) => body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal;
+
+    /// Score headers must read back as the very `f32` compared with the threshold, and show the
+    /// same text as the scores in an injected JSON body.
+    #[test]
+    fn decimals_round_trip_and_match_the_json_body() {
+        let mut x: u32 = 0x9E37_79B9;
+        let mut values = vec![
+            0.5f32,
+            -6.0,
+            1.0,
+            0.0,
+            1e-7,
+            26.322_937,
+            22.756_68,
+            f32::MAX,
+        ];
+        for _ in 0..10_000 {
+            // xorshift over all bit patterns: every exponent and sign, not just "nice" values.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = f32::from_bits(x);
+            if v.is_finite() {
+                values.push(v);
+            }
+        }
+        for v in values {
+            let text = decimal(v);
+            assert_eq!(
+                text.parse::<f32>().unwrap().to_bits(),
+                v.to_bits(),
+                "{text}"
+            );
+            assert_eq!(text, serde_json::to_string(&v).unwrap(), "{v:?}");
+        }
+        assert_eq!(decimal(0.5), "0.5");
+        assert_eq!(decimal(-6.0), "-6.0");
     }
 }

@@ -1,5 +1,6 @@
-//! The forwarding service: one upstream, hyper-util's pooled client, hop-by-hop headers removed,
-//! `Host`/`X-Forwarded-*` set, `traceparent` injected, connect and response deadlines.
+//! The forwarding service: one upstream, kept-alive connections ([`super::client`]), hop-by-hop
+//! headers removed, `Host`/`X-Forwarded-*` set, `traceparent` injected, connect and response
+//! deadlines.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -15,11 +16,9 @@ use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tracing::Instrument;
 
+use super::client::UpstreamClient;
 use crate::error::GuardError;
 use crate::telemetry;
 
@@ -77,8 +76,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub struct Forwarder(Arc<Upstream>);
 
 struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: Arc<UpstreamClient>,
     base: Uri,
+    /// `Host` for every request: the upstream's authority.
+    host: Option<HeaderValue>,
     strip_prefix: Option<String>,
     timeout: Duration,
 }
@@ -91,24 +92,24 @@ impl Forwarder {
         connect_timeout: Duration,
         timeout: Duration,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+        let host = base
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let client = UpstreamClient::new(
+            base.host()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_string(),
+            base.port_u16().unwrap_or(80),
+            connect_timeout,
+        );
         Self(Arc::new(Upstream {
             client,
             base,
+            host,
             strip_prefix,
             timeout,
         }))
-    }
-
-    fn target(&self, uri: &Uri) -> Result<Uri, GuardError> {
-        let mut parts = self.0.base.clone().into_parts();
-        parts.path_and_query = Some(self.path_and_query(uri)?);
-        Uri::from_parts(parts).map_err(|e| GuardError::BadRequest(format!("path: {e}")))
     }
 
     /// The upstream path: the base URL's path, then the request's (less the stripped prefix).
@@ -142,7 +143,7 @@ impl Forwarder {
 
     /// Sends `req` upstream and returns its response with a streaming body.
     pub async fn forward(&self, mut req: Request<Body>) -> Result<Response, GuardError> {
-        let target = self.target(req.uri())?;
+        let target = self.path_and_query(req.uri())?;
         let client_addr = req
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
@@ -169,20 +170,19 @@ impl Forwarder {
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         }
-        if let Some(a) = target
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(header::HOST, a);
+        if let Some(h) = &self.0.host {
+            headers.insert(header::HOST, h.clone());
         }
-        *req.uri_mut() = target;
+        // Origin form on the wire; the upstream's address is the connection's.
+        *req.uri_mut() = Uri::from(target);
         *req.version_mut() = http::Version::HTTP_11;
 
-        let span = tracing::info_span!("upstream", otel.kind = "client", http.request.method = %req.method(), url.full = %req.uri(), http.response.status_code = tracing::field::Empty);
+        let origin = self.0.base.authority().map_or("", |a| a.as_str());
+        let span = tracing::info_span!("upstream", otel.kind = "client", http.request.method = %req.method(), url.full = %format_args!("http://{origin}{}", req.uri()), http.response.status_code = tracing::field::Empty);
         let timeout_ms = self.0.timeout.as_millis() as u64;
         let call = async {
             telemetry::inject_current(req.headers_mut());
-            match tokio::time::timeout(self.0.timeout, self.0.client.request(req)).await {
+            match tokio::time::timeout(self.0.timeout, self.0.client.send(req)).await {
                 Err(_) => Err(GuardError::UpstreamTimeout(timeout_ms)),
                 Ok(Err(e)) => Err(GuardError::UpstreamUnreachable(error_chain(&e))),
                 Ok(Ok(resp)) => {
@@ -305,8 +305,12 @@ mod tests {
                 Duration::from_secs(1),
                 Duration::from_secs(1),
             );
-            let got = f.target(&path.parse().unwrap()).unwrap();
-            assert_eq!(got.to_string(), want, "{base} {strip:?} {path}");
+            let pq = f.path_and_query(&path.parse().unwrap()).unwrap();
+            let got = format!(
+                "http://{}{pq}",
+                f.0.host.as_ref().unwrap().to_str().unwrap()
+            );
+            assert_eq!(got, want, "{base} {strip:?} {path}");
         }
     }
 

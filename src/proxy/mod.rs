@@ -1,10 +1,12 @@
 //! The reverse proxy: routes (path prefix → upstream), the forwarding service, and the request /
 //! response adapters the guard uses to find images and labels.
 
+mod client;
 pub mod forward;
 mod multipart;
 pub mod request;
 pub mod response;
+mod scan;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -45,6 +45,17 @@ pub fn extract_predictions(
     cfg: &ResponseAdapterConfig,
     body: &[u8],
 ) -> Result<Vec<Prediction>, ResponseAdapterError> {
+    match super::scan::predictions(cfg, body) {
+        Some(p) => Ok(p),
+        None => parsed_predictions(cfg, body),
+    }
+}
+
+/// The general path: the whole answer parsed into a `Value`, then read.
+pub(super) fn parsed_predictions(
+    cfg: &ResponseAdapterConfig,
+    body: &[u8],
+) -> Result<Vec<Prediction>, ResponseAdapterError> {
     let v: Value = serde_json::from_slice(body).map_err(|_| ResponseAdapterError::NotJson)?;
     let at = |p: &str| pointer(&v, p);
     let logits_at = |p: &Option<String>| {
@@ -139,7 +150,7 @@ fn pointer<'a>(v: &'a Value, pointer: &str) -> Option<&'a Value> {
 }
 
 /// An array index token: digits, no sign, no leading zero (RFC 6901 §4).
-fn array_index(token: &str) -> Option<usize> {
+pub(super) fn array_index(token: &str) -> Option<usize> {
     if token.starts_with('+') || (token.len() > 1 && token.starts_with('0')) {
         return None;
     }
@@ -150,7 +161,7 @@ fn floats(v: &[Value]) -> Option<Vec<f32>> {
     v.iter().map(|x| x.as_f64().map(|f| f as f32)).collect()
 }
 
-fn argmax(xs: &[f32]) -> Option<usize> {
+pub(super) fn argmax(xs: &[f32]) -> Option<usize> {
     xs.iter()
         .enumerate()
         .filter(|(_, x)| !x.is_nan())

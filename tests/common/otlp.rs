@@ -129,7 +129,9 @@ pub async fn check_trace_export(protocol: &str, endpoint: String, sink: Sink) {
     let g = guard()
         .with(&format!("[webhook]\nurl = \"{}/hook\"", hook.url()))
         .route(&up, "name = \"traced\"\nprefix = \"/predictions/\"\nupstream = \"{up}\"\nrequest = { kind = \"raw\" }\nresponse = { kind = \"top_key\" }\npolicy = { mode = \"flag\", wait_ms = 3000 }\nlabels = [\"T-shirt/top\", \"Trouser\", \"Pullover\", \"Dress\", \"Coat\", \"Sandal\", \"Shirt\", \"Sneaker\", \"Bag\", \"Ankle boot\"]")
-        .start(TestDetector::new())
+        // Scoring that takes a while: the request then waits for its verdict, and the trace must
+        // show that wait. An instant verdict can be ready before the guard would wait (no span).
+        .start(TestDetector::slow(Duration::from_millis(50)))
         .await;
     let traceparent = format!("00-{TRACE_ID}-{PARENT_ID}-01");
     let r = g
