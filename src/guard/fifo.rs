@@ -22,7 +22,9 @@ pub(crate) struct FifoMap<V> {
 }
 
 struct Shard<V> {
-    entries: HashMap<u128, Stamped<V>>,
+    // Keys are random verdict ids minted here (clients only look them up), so a fast seeded
+    // hasher is safe; SipHash was a visible share of a cache hit.
+    entries: HashMap<u128, Stamped<V>, foldhash::fast::RandomState>,
     /// Keys in write order, with the write they record; a key written again has a newer record
     /// and its older one is skipped when it reaches the front.
     order: VecDeque<(u128, u64)>,
@@ -45,7 +47,7 @@ impl<V: Clone> FifoMap<V> {
             shards: (0..shards)
                 .map(|_| {
                     Mutex::new(Shard {
-                        entries: HashMap::new(),
+                        entries: HashMap::default(),
                         order: VecDeque::new(),
                         writes: 0,
                     })

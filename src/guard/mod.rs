@@ -33,7 +33,7 @@ pub use self::detector::{Detector, DetectorError, Diagnostics, Image, Job, Score
 pub use self::input::{ImageInput, KnownImages};
 pub use self::layer::{DiffGuardLayer, DiffGuardService, RouteGuard};
 use self::queue::{ScoringQueue, Submitted};
-use self::registry::InstanceSlot;
+use self::registry::{InstanceSlot, OutcomeSlot};
 pub use self::registry::{RequestRecord, VerdictRegistry};
 pub use self::verdict::{CacheStatus, Outcome, Verdict, VerdictKey, VerdictReport};
 use crate::cache::{MemoryStore, RedisStore, Tiered};
@@ -51,7 +51,7 @@ fn joined(label: u32, label_name: Option<String>, slot: queue::Slot) -> Instance
         label: Some(label),
         label_name,
         cache,
-        slot,
+        slot: OutcomeSlot::Awaited(slot),
     }
 }
 
@@ -220,7 +220,7 @@ impl Guard {
                     label: Some(label),
                     label_name,
                     cache: CacheStatus::Miss,
-                    slot,
+                    slot: OutcomeSlot::Awaited(slot),
                 }
             }
             Submitted::Full => unverified("scoring queue full".into()),

@@ -17,8 +17,34 @@ pub struct InstanceSlot {
     pub label_name: Option<String>,
     /// Hit or miss.
     pub cache: CacheStatus,
-    /// Receives the outcome (already filled for hits and unverified instances).
-    pub slot: Slot,
+    /// The outcome, or where it will arrive.
+    pub slot: OutcomeSlot,
+}
+
+/// An instance's outcome: known when the request is answered, or on its way from the scorer.
+#[derive(Debug, Clone)]
+pub enum OutcomeSlot {
+    /// Known now (cache hits, unverified instances). Most requests under load: a channel made
+    /// only to hold a known value was a measurable share of a cache hit.
+    Known(Outcome),
+    /// Filled by the scoring queue.
+    Awaited(Slot),
+}
+
+impl OutcomeSlot {
+    fn get(&self) -> Option<Outcome> {
+        match self {
+            Self::Known(o) => Some(o.clone()),
+            Self::Awaited(rx) => rx.borrow().clone(),
+        }
+    }
+
+    fn is_filled(&self) -> bool {
+        match self {
+            Self::Known(_) => true,
+            Self::Awaited(rx) => rx.borrow().is_some(),
+        }
+    }
 }
 
 impl InstanceSlot {
@@ -33,12 +59,12 @@ impl InstanceSlot {
             label,
             label_name,
             cache,
-            slot: tokio::sync::watch::channel(Some(outcome)).1,
+            slot: OutcomeSlot::Known(outcome),
         }
     }
 
     fn outcome(&self) -> Option<Outcome> {
-        self.slot.borrow().clone()
+        self.slot.get()
     }
 
     fn report(&self) -> InstanceReport {
@@ -63,7 +89,10 @@ impl InstanceSlot {
     }
 
     async fn wait(&self) {
-        let mut rx = self.slot.clone();
+        let OutcomeSlot::Awaited(rx) = &self.slot else {
+            return;
+        };
+        let mut rx = rx.clone();
         // Err = the scorer went away without answering; the report then says pending → treated as unverified by callers.
         let _ = rx.wait_for(Option::is_some).await;
     }
@@ -104,7 +133,7 @@ impl RequestRecord {
 
     /// Every instance has an outcome.
     pub fn done(&self) -> bool {
-        self.instances.iter().all(|i| i.slot.borrow().is_some())
+        self.instances.iter().all(|i| i.slot.is_filled())
     }
 }
 
@@ -222,7 +251,7 @@ mod tests {
             label: Some(1),
             label_name: None,
             cache: CacheStatus::Miss,
-            slot: rx,
+            slot: OutcomeSlot::Awaited(rx),
         });
         reg.insert(&rec, &Arc::new(rec.report()));
         assert!(matches!(reg.get(&rec.id), Some(Entry::Live(_))));

@@ -122,8 +122,11 @@ impl RouteMetrics {
     }
 }
 
-/// Counter handles by label values. The values are bounded (statuses, label ids × verdicts).
-struct Memo<K>(std::sync::RwLock<std::collections::HashMap<K, metrics::Counter>>);
+/// Counter handles by label values. The values are bounded (statuses, label ids × verdicts) and
+/// the guard's own, so a fast hasher serves: SipHash was a visible share of a cache hit.
+struct Memo<K>(
+    std::sync::RwLock<std::collections::HashMap<K, metrics::Counter, foldhash::fast::RandomState>>,
+);
 
 impl<K> Default for Memo<K> {
     fn default() -> Self {
