@@ -267,14 +267,19 @@ mod tests {
         resp.into_body().collect().await.unwrap().to_bytes()
     }
 
-    #[tokio::test]
-    async fn sequential_exchanges_share_one_connection() {
-        let (addr, accepted) = upstream(true, b"{\"label\": 3}").await;
+    /// `n` exchanges one after another, each answer read whole; the connections they took.
+    async fn one_by_one(keep_alive: bool, n: usize) -> usize {
+        let (addr, accepted) = upstream(keep_alive, b"{\"label\": 3}").await;
         let c = client(addr);
-        for _ in 0..20 {
+        for _ in 0..n {
             assert_eq!(read(&c).await, &b"{\"label\": 3}"[..]);
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        accepted.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn sequential_exchanges_share_one_connection() {
+        assert_eq!(one_by_one(true, 20).await, 1);
     }
 
     #[tokio::test]
@@ -291,12 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_closing_after_each_answer_loses_no_request() {
-        let (addr, accepted) = upstream(false, b"ok").await;
-        let c = client(addr);
-        for _ in 0..10 {
-            assert_eq!(read(&c).await, &b"ok"[..]);
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 10);
+        assert_eq!(one_by_one(false, 10).await, 10);
     }
 
     #[tokio::test]
