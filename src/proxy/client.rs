@@ -8,8 +8,8 @@
 //!
 //! A connection is taken off the stack for one exchange and put back when the answer's body has
 //! been read to its end; a body dropped early takes its connection with it (hyper closes it), as
-//! does any error. A request that a reused connection turned away unsent (the upstream closed it
-//! while idle) is retried once on a fresh connection, as hyper-util's client does.
+//! does any error. A request that a kept connection turned away unsent (the upstream closed it
+//! while idle) goes to the next kept connection, or a new one, as hyper-util's client retries it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -109,11 +109,17 @@ impl UpstreamClient {
         })
     }
 
-    /// The most recently used idle connection that is still open and not too old.
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<(SendRequest<Body>, Instant)>> {
+        // The stack holds no invariant a panic elsewhere could have broken.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection that is still worth using.
     fn take_idle(&self) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let mut idle = self.idle();
         while let Some((conn, since)) = idle.pop_back() {
-            if !conn.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if reusable(&conn, since, now) {
                 return Some(conn);
             }
         }
@@ -121,15 +127,15 @@ impl UpstreamClient {
     }
 
     fn put_idle(&self, conn: SendRequest<Body>) {
-        if conn.is_closed() {
+        let now = Instant::now();
+        if !reusable(&conn, now, now) {
             return;
         }
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle();
         // Oldest first: connections nobody took for a while are closed here, not kept forever.
         while idle
             .front()
-            .is_some_and(|(c, since)| c.is_closed() || now.duration_since(*since) >= IDLE_TIMEOUT)
+            .is_some_and(|(c, since)| !reusable(c, *since, now))
         {
             idle.pop_front();
         }
@@ -173,6 +179,11 @@ impl UpstreamClient {
         }
         Err(last)
     }
+}
+
+/// Open, and idle since `since` for less than [`IDLE_TIMEOUT`] at `now`.
+fn reusable(conn: &SendRequest<Body>, since: Instant, now: Instant) -> bool {
+    !conn.is_closed() && now.saturating_duration_since(since) < IDLE_TIMEOUT
 }
 
 /// An upstream answer's body that gives its connection back to the client at its end.

@@ -161,7 +161,7 @@ fn floats(v: &[Value]) -> Option<Vec<f32>> {
     v.iter().map(|x| x.as_f64().map(|f| f as f32)).collect()
 }
 
-pub(super) fn argmax(xs: &[f32]) -> Option<usize> {
+fn argmax(xs: &[f32]) -> Option<usize> {
     xs.iter()
         .enumerate()
         .filter(|(_, x)| !x.is_nan())
@@ -170,7 +170,11 @@ pub(super) fn argmax(xs: &[f32]) -> Option<usize> {
 }
 
 fn scores_prediction(v: &[Value]) -> Option<Prediction> {
-    let xs = floats(v)?;
+    argmax_prediction(floats(v)?)
+}
+
+/// The index of the highest score, keeping the scores as logits (both adapter paths).
+pub(super) fn argmax_prediction(xs: Vec<f32>) -> Option<Prediction> {
     let i = argmax(&xs)?;
     Some(Prediction {
         label: UpstreamLabel::Index(i as i64),
@@ -180,12 +184,19 @@ fn scores_prediction(v: &[Value]) -> Option<Prediction> {
 
 fn top_key(v: &Value) -> Option<Prediction> {
     let o = v.as_object()?;
-    let (k, _) = o
-        .iter()
-        .filter_map(|(k, p)| p.as_f64().map(|p| (k, p)))
-        .max_by(|a, b| a.1.total_cmp(&b.1))?;
+    top_class(
+        o.iter()
+            .filter_map(|(k, p)| p.as_f64().map(|p| (k.as_str(), p))),
+    )
+}
+
+/// The class with the highest probability, from `(class, probability)` pairs in class-name order
+/// (both adapter paths): of equal maxima the last, i.e. the greatest name, wins, as `max_by` keeps
+/// the last.
+pub(super) fn top_class<'a>(entries: impl Iterator<Item = (&'a str, f64)>) -> Option<Prediction> {
+    let (k, _) = entries.max_by(|a, b| a.1.total_cmp(&b.1))?;
     Some(Prediction {
-        label: UpstreamLabel::Name(k.clone()),
+        label: UpstreamLabel::Name(k.to_owned()),
         logits: None,
     })
 }

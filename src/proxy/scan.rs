@@ -13,12 +13,11 @@
 //! the whole answer.
 
 use std::borrow::Cow;
-use std::cmp::Ordering;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::response::{Prediction, UpstreamLabel, argmax, array_index};
+use super::response::{Prediction, argmax_prediction, array_index, top_class};
 use crate::config::ResponseAdapterConfig;
 
 /// The predictions, when the fast path can read them; `None` sends the answer to the general path.
@@ -172,19 +171,11 @@ impl<'de> Visitor<'de> for Scores {
             }
         }
         if rows.is_empty() {
-            Ok(prediction(flat).map(|p| vec![p]))
+            Ok(argmax_prediction(flat).map(|p| vec![p]))
         } else {
-            Ok(rows.into_iter().map(prediction).collect())
+            Ok(rows.into_iter().map(argmax_prediction).collect())
         }
     }
-}
-
-fn prediction(xs: Vec<f32>) -> Option<Prediction> {
-    let i = argmax(&xs)?;
-    Some(Prediction {
-        label: UpstreamLabel::Index(i as i64),
-        logits: Some(xs),
-    })
 }
 
 enum Element {
@@ -283,23 +274,14 @@ fn top_key<'de, A: MapAccess<'de>>(mut map: A) -> Result<Option<Prediction>, A::
     while let Some(k) = map.next_key_seed(Key)? {
         entries.push((k, map.next_value_seed(Probability)?));
     }
-    // A parsed `Value` keeps the last of duplicate keys and iterates in key order, and `max_by`
-    // keeps the last of equal maxima: a stable sort by key reproduces both.
+    // A parsed `Value` keeps the last of duplicate keys and iterates in key order: a stable sort
+    // by key, keeping the last entry of each key, gives `top_class` the same pairs.
     entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut best: Option<(&str, f64)> = None;
-    for (i, (k, p)) in entries.iter().enumerate() {
+    let kept = entries.iter().enumerate().filter_map(|(i, (k, p))| {
         let superseded = entries.get(i + 1).is_some_and(|next| next.0 == *k);
-        let Some(p) = p.filter(|_| !superseded) else {
-            continue;
-        };
-        if best.is_none_or(|(_, b)| p.total_cmp(&b) != Ordering::Less) {
-            best = Some((k.as_ref(), p));
-        }
-    }
-    Ok(best.map(|(k, _)| Prediction {
-        label: UpstreamLabel::Name(k.to_owned()),
-        logits: None,
-    }))
+        p.filter(|_| !superseded).map(|p| (k.as_ref(), p))
+    });
+    Ok(top_class(kept))
 }
 
 /// A probability: a number, or `None` for any other value (skipped, as the general path does).
@@ -346,7 +328,7 @@ impl<'de> Visitor<'de> for Probability {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::response::{ResponseAdapterError, parsed_predictions};
+    use crate::proxy::response::{ResponseAdapterError, UpstreamLabel, parsed_predictions};
 
     /// A small deterministic generator of JSON answers: nested objects and arrays on the paths
     /// the pointers below take, duplicate and escaped keys, tied probabilities, integers, floats
