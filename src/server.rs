@@ -203,7 +203,8 @@ async fn serve_proxy(
     token: CancellationToken,
 ) {
     tokio::spawn(keep_timer_armed(keeper, token.clone()));
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().writev(false);
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {

@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, header};
+use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
 use tracing::{Instrument, field::Empty};
 
@@ -233,16 +234,33 @@ where
     resp
 }
 
-async fn buffer(body: Body, limit: usize) -> Result<Bytes, GuardError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            GuardError::BodyTooLarge { limit }
-        } else {
-            GuardError::BadRequest(format!("reading body: {e}"))
+/// Reads a whole body of at most `limit` bytes. Most bodies arrive as one frame, which is kept
+/// as it is: collecting it copied it and cost a fifth of the guard's own work per request.
+async fn buffer(mut body: Body, limit: usize) -> Result<Bytes, GuardError> {
+    let mut whole = Bytes::new();
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| GuardError::BadRequest(format!("reading body: {e}")))?;
+        // Trailers carry nothing the guard reads.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let len = joined.as_ref().map_or(whole.len(), |j| j.len());
+        if len + data.len() > limit {
+            return Err(GuardError::BodyTooLarge { limit });
         }
-    })
+        match &mut joined {
+            Some(j) => j.extend_from_slice(&data),
+            None if whole.is_empty() => whole = data,
+            None => {
+                let mut j = bytes::BytesMut::with_capacity(whole.len() + data.len());
+                j.extend_from_slice(&whole);
+                j.extend_from_slice(&data);
+                joined = Some(j);
+            }
+        }
+    }
+    Ok(joined.map_or(whole, bytes::BytesMut::freeze))
 }
 
 async fn run<S>(
@@ -601,7 +619,56 @@ fn inject(headers: &mut HeaderMap, body: Bytes, report: &VerdictReport, shown: V
 
 #[cfg(test)]
 mod tests {
-    use super::decimal;
+    use super::{Body, Bytes, GuardError, buffer, decimal};
+
+    fn frames(parts: &[&'static [u8]]) -> Body {
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        Body::from_stream(futures_util::stream::iter(chunks))
+    }
+
+    /// A one-frame body comes back as the very buffer it arrived in; frames are joined in order;
+    /// the limit holds for the sum of the frames, however they are split.
+    #[tokio::test]
+    async fn buffer_keeps_one_frame_joins_many_and_counts_the_limit_across_frames() {
+        let one = Bytes::from_static(b"0123456789");
+        let got = buffer(Body::from(one.clone()), 10).await.unwrap();
+        assert_eq!(got.as_ptr(), one.as_ptr(), "one frame must not be copied");
+
+        let body = frames(&[b"", b"abc", b"", b"defg", b"hij"]);
+        assert_eq!(buffer(body, 10).await.unwrap(), &b"abcdefghij"[..]);
+        assert!(buffer(frames(&[]), 0).await.unwrap().is_empty());
+
+        for split in [
+            &[&b"abcdef"[..], b"ghijk"][..],
+            &[b"abcdefghijk"],
+            &[b"a", b"bcdefghij", b"k"],
+        ] {
+            let err = buffer(frames(split), 10).await.unwrap_err();
+            assert!(
+                matches!(err, GuardError::BodyTooLarge { limit: 10 }),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn buffer_reports_a_failing_body_as_a_bad_request() {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+            Ok(Bytes::from_static(b"abc")),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "peer gone",
+            )),
+        ];
+        let err = buffer(Body::from_stream(futures_util::stream::iter(chunks)), 100)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, GuardError::BadRequest(m) if m.contains("peer gone")),
+            "{err:?}"
+        );
+    }
 
     /// Score headers must read back as the very `f32` compared with the threshold, and show the
     /// same text as the scores in an injected JSON body.

@@ -35,7 +35,7 @@ pub use self::layer::{DiffGuardLayer, DiffGuardService, RouteGuard};
 use self::queue::{ScoringQueue, Submitted};
 use self::registry::{InstanceSlot, OutcomeSlot};
 pub use self::registry::{RequestRecord, VerdictRegistry};
-pub use self::verdict::{CacheStatus, Outcome, Verdict, VerdictKey, VerdictReport};
+pub use self::verdict::{CacheStatus, Outcome, Verdict, VerdictKey, VerdictKeyer, VerdictReport};
 use crate::cache::{MemoryStore, RedisStore, Tiered};
 use crate::config::Config;
 use crate::webhook::Webhook;
@@ -59,6 +59,7 @@ fn joined(label: u32, label_name: Option<String>, slot: queue::Slot) -> Instance
 pub struct Guard {
     detector: Arc<dyn Detector>,
     fingerprint: String,
+    keyer: VerdictKeyer,
     queue: Arc<ScoringQueue>,
     cache: Arc<Tiered>,
     registry: VerdictRegistry,
@@ -101,6 +102,7 @@ impl Guard {
         let d = &cfg.detector;
         Ok(Arc::new(Self {
             fingerprint: detector.fingerprint(),
+            keyer: VerdictKeyer::new(&detector.fingerprint()),
             queue: ScoringQueue::start(detector.clone(), d.threads, d.batch_size, d.queue_capacity),
             detector,
             cache: Arc::new(Tiered::new(memory, redis)),
@@ -175,7 +177,7 @@ impl Guard {
         label_name: Option<String>,
         logits: Option<Vec<f32>>,
     ) -> InstanceSlot {
-        let key = VerdictKey::new(image.hash(), label, &self.fingerprint);
+        let key = self.keyer.key(image.hash(), label);
         // In-flight first: the follow-up fills the memory tier before it ends single-flight, so
         // checking in this order never misses a verdict that is just being cached.
         if let Some(slot) = self.queue.join(&key) {

@@ -73,14 +73,35 @@ impl Outcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct VerdictKey(pub [u8; 32]);
 
+/// Derives the verdict keys of one detector: blake3 keyed by a key derived once from the
+/// fingerprint, over the image hash and the label. One 36-byte compression per key, where
+/// hashing the fingerprint along with them took three.
+#[derive(Debug, Clone)]
+pub struct VerdictKeyer([u8; 32]);
+
+impl VerdictKeyer {
+    /// Keys for the detector with this fingerprint. The context string versions the derivation:
+    /// keys stored by an older derivation (Redis) are then never read as current ones.
+    pub fn new(fingerprint: &str) -> Self {
+        Self(blake3::derive_key(
+            "diffguard 2026-12 verdict key v2",
+            fingerprint.as_bytes(),
+        ))
+    }
+
+    /// The key of one image (hashed once per instance by the caller) and label.
+    pub fn key(&self, image_hash: &blake3::Hash, label: u32) -> VerdictKey {
+        let mut input = [0u8; 36];
+        input[..32].copy_from_slice(image_hash.as_bytes());
+        input[32..].copy_from_slice(&label.to_le_bytes());
+        VerdictKey(*blake3::keyed_hash(&self.0, &input).as_bytes())
+    }
+}
+
 impl VerdictKey {
-    /// Derives the key; the image hash is computed once per instance by the caller.
+    /// Derives one key; [`VerdictKeyer`] derives many for one detector.
     pub fn new(image_hash: &blake3::Hash, label: u32, fingerprint: &str) -> Self {
-        let mut h = blake3::Hasher::new();
-        h.update(image_hash.as_bytes());
-        h.update(&label.to_le_bytes());
-        h.update(fingerprint.as_bytes());
-        VerdictKey(*h.finalize().as_bytes())
+        VerdictKeyer::new(fingerprint).key(image_hash, label)
     }
 
     /// Lower-case hex, used in Redis keys.
@@ -185,5 +206,28 @@ mod tests {
         assert_ne!(k, VerdictKey::new(&a, 2, "fp"));
         assert_ne!(k, VerdictKey::new(&a, 1, "fp2"));
         assert_eq!(k.hex().len(), 64);
+    }
+
+    /// The key layout, rebuilt with blake3's streaming API: keyed by the fingerprint's derived
+    /// key, over the 32-byte image hash then the label in little-endian. A change here changes
+    /// every key in a shared Redis, so it is pinned.
+    #[test]
+    fn keyer_is_a_keyed_hash_of_image_hash_and_label() {
+        let image = blake3::hash(b"img");
+        let fp = "5134b5cb-fingerprint";
+        let derived = blake3::Hasher::new_derive_key("diffguard 2026-12 verdict key v2")
+            .update(fp.as_bytes())
+            .finalize();
+        let expected = blake3::Hasher::new_keyed(derived.as_bytes())
+            .update(image.as_bytes())
+            .update(&7u32.to_le_bytes())
+            .finalize();
+        let keyer = VerdictKeyer::new(fp);
+        assert_eq!(keyer.key(&image, 7).0, *expected.as_bytes());
+        assert_eq!(keyer.key(&image, 7), VerdictKey::new(&image, 7, fp));
+        assert_ne!(
+            keyer.key(&image, 7),
+            VerdictKeyer::new("other").key(&image, 7)
+        );
     }
 }

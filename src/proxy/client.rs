@@ -153,6 +153,7 @@ impl UpstreamClient {
             .map_err(|_| fail(format!("timed out after {:?}", self.connect_timeout)))?
             .map_err(|e| fail(e.to_string()))?;
         let (conn, driver) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await?;
         tokio::spawn(async move {
