@@ -204,6 +204,9 @@ async fn serve_proxy(
 ) {
     tokio::spawn(keep_timer_armed(keeper, token.clone()));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Head and body copied into one buffer per write: for the small answers classifiers give,
+    // cheaper than hyper's vectored queue (about 1,300 instructions of a cache hit, both sides
+    // together). Large bodies are copied in pieces of at most hyper's buffer size.
     builder.http1().writev(false);
     let graceful = GracefulShutdown::new();
     loop {

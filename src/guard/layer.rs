@@ -235,7 +235,8 @@ where
 }
 
 /// Reads a whole body of at most `limit` bytes. Most bodies arrive as one frame, which is kept
-/// as it is: collecting it copied it and cost a fifth of the guard's own work per request.
+/// as it is; collecting copied every body into a new buffer (about 1,000 instructions of a
+/// cache hit's 60,000).
 async fn buffer(mut body: Body, limit: usize) -> Result<Bytes, GuardError> {
     let mut whole = Bytes::new();
     let mut joined: Option<bytes::BytesMut> = None;
@@ -245,6 +246,9 @@ async fn buffer(mut body: Body, limit: usize) -> Result<Bytes, GuardError> {
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        if data.is_empty() {
+            continue;
+        }
         let len = joined.as_ref().map_or(whole.len(), |j| j.len());
         if len + data.len() > limit {
             return Err(GuardError::BodyTooLarge { limit });

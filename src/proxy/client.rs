@@ -153,6 +153,7 @@ impl UpstreamClient {
             .map_err(|_| fail(format!("timed out after {:?}", self.connect_timeout)))?
             .map_err(|e| fail(e.to_string()))?;
         let (conn, driver) = http1::Builder::new()
+            // One buffer per write, as the listener does (`serve_proxy`).
             .writev(false)
             .handshake(TokioIo::new(stream))
             .await?;
