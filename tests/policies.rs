@@ -200,6 +200,43 @@ async fn off_is_a_plain_proxy() {
     assert_eq!(det.jobs(), 0);
 }
 
+/// Request and answer bodies far beyond one socket write pass whole, both ways: the listener
+/// and the upstream client copy head and body into one write buffer (`writev` off), which must
+/// hold back and resume rather than lose or reorder bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn off_passes_multi_megabyte_bodies_whole_both_ways() {
+    use axum::extract::DefaultBodyLimit;
+    let echo = axum::Router::new()
+        .route(
+            "/predictions/m",
+            axum::routing::post(|body: bytes::Bytes| async move {
+                // Reversed: an answer that is not the request, yet fully determined by it.
+                body.iter().rev().copied().collect::<Vec<u8>>()
+            }),
+        )
+        .layer(DefaultBodyLimit::disable());
+    let up = Upstream::router(echo).await;
+    let g = start(&up, "off", "open", 5_000, TestDetector::new()).await;
+    let mut x: u32 = 0x2545_F491;
+    let sent: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    let r = g
+        .post("/predictions/m", "application/octet-stream", sent.clone())
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), sent.len());
+    assert!(
+        r.body.iter().eq(sent.iter().rev()),
+        "answer differs from the reversed request"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn single_flight_and_cache_hit() {
     let up = Upstream::example().await;
