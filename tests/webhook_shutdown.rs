@@ -110,7 +110,7 @@ async fn reports_left_when_the_grace_period_ends_are_all_counted() {
     let webhook = Webhook::start(&cfg).unwrap().unwrap();
     for i in 0..3 {
         webhook.notify(&VerdictReport {
-            id: format!("r{i}"),
+            id: format!("r{i}").into(),
             route: "r".into(),
             verdict: Verdict::Ood,
             detector: "test".into(),

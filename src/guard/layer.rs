@@ -80,6 +80,8 @@ struct RouteState {
     guard: Arc<Guard>,
     route: RouteGuard,
     metrics: RouteMetrics,
+    /// `route.name`, shared by every request's record.
+    name: Arc<str>,
 }
 
 /// Tower layer putting the guard around a service whose answers carry the predicted label.
@@ -96,6 +98,7 @@ impl DiffGuardLayer {
         Self {
             state: Arc::new(RouteState {
                 guard,
+                name: route.name.as_str().into(),
                 route,
                 metrics,
             }),
@@ -179,6 +182,7 @@ where
         guard,
         route,
         metrics,
+        ..
     } = &**state;
     let started = Instant::now();
     let span = tracing::info_span!(
@@ -327,9 +331,9 @@ where
     let body = buffer(body, limit)
         .await
         .map_err(|e| GuardError::UpstreamUnreadable(e.to_string()))?;
-    let record = score(guard, route, &images, &body).await;
+    let record = score(state, &images, &body).await;
     let record = Arc::new(record);
-    tracing::Span::current().record("diffguard.id", record.id.as_str());
+    tracing::Span::current().record("diffguard.id", &*record.id);
 
     // Cache hits are done already: no wait, no span for it.
     if policy::waits(route.policy.mode) && !record.done() {
@@ -387,21 +391,19 @@ fn unreadable(report: &VerdictReport) -> bool {
 }
 
 /// Reads the labels and starts (or finds) one verdict per image.
-async fn score(
-    guard: &Arc<Guard>,
-    route: &RouteGuard,
-    images: &[ImageInput],
-    body: &Bytes,
-) -> RequestRecord {
+async fn score(state: &RouteState, images: &[ImageInput], body: &Bytes) -> RequestRecord {
+    let RouteState {
+        guard, route, name, ..
+    } = state;
     // The encoder writes the hyphenated text directly; `to_string` went through `fmt`.
-    let id = uuid::Uuid::new_v4()
+    let id: Arc<str> = uuid::Uuid::new_v4()
         .hyphenated()
         .encode_lower(&mut uuid::Uuid::encode_buffer())
-        .to_owned();
+        .into();
     let record = |instances| RequestRecord {
         id: id.clone(),
-        route: route.name.clone(),
-        detector: guard.fingerprint().to_string(),
+        route: name.clone(),
+        detector: guard.shared_fingerprint(),
         instances,
     };
     let unverified_all = |reason: String| {
@@ -563,7 +565,9 @@ fn annotate(
 ) -> Response {
     let h = &mut parts.headers;
     h.insert(&H_VERDICT, HeaderValue::from_static(shown.as_str()));
-    set_header(h, &H_ID, report.id.clone());
+    if let Ok(id) = HeaderValue::from_str(&report.id) {
+        h.insert(&H_ID, id);
+    }
     // One image is the common request: its fixed-text and integer values need no string.
     match report.instances.as_slice() {
         [one] => {

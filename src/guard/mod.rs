@@ -58,7 +58,7 @@ fn joined(label: u32, label_name: Option<String>, slot: queue::Slot) -> Instance
 /// Shared state of every guarded route: detector, queue, cache, verdict ids, limits.
 pub struct Guard {
     detector: Arc<dyn Detector>,
-    fingerprint: String,
+    fingerprint: Arc<str>,
     keyer: VerdictKeyer,
     queue: Arc<ScoringQueue>,
     cache: Arc<Tiered>,
@@ -100,9 +100,10 @@ impl Guard {
             .transpose()?
             .map(Arc::new);
         let d = &cfg.detector;
+        let fingerprint: Arc<str> = detector.fingerprint().into();
         Ok(Arc::new(Self {
-            fingerprint: detector.fingerprint(),
-            keyer: VerdictKeyer::new(&detector.fingerprint()),
+            keyer: VerdictKeyer::new(&fingerprint),
+            fingerprint,
             queue: ScoringQueue::start(detector.clone(), d.threads, d.batch_size, d.queue_capacity),
             detector,
             cache: Arc::new(Tiered::new(memory, redis)),
@@ -121,6 +122,11 @@ impl Guard {
     /// Detector fingerprint.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The fingerprint, shared (every request's record carries it).
+    pub(crate) fn shared_fingerprint(&self) -> Arc<str> {
+        self.fingerprint.clone()
     }
 
     /// The detector.

@@ -98,15 +98,16 @@ impl InstanceSlot {
     }
 }
 
-/// The verdict state of one request.
+/// The verdict state of one request. Its strings are shared with its reports (and the route's
+/// and detector's with every request): a cache hit copied each of them twice.
 #[derive(Debug)]
 pub struct RequestRecord {
     /// Verdict id.
-    pub id: String,
+    pub id: Arc<str>,
     /// Route name.
-    pub route: String,
+    pub route: Arc<str>,
     /// Detector fingerprint.
-    pub detector: String,
+    pub detector: Arc<str>,
     /// One per image.
     pub instances: Vec<InstanceSlot>,
 }
@@ -207,7 +208,7 @@ mod tests {
 
     fn record(slot: InstanceSlot) -> Arc<RequestRecord> {
         Arc::new(RequestRecord {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: uuid::Uuid::new_v4().to_string().into(),
             route: "r".into(),
             detector: "d".into(),
             instances: vec![slot],

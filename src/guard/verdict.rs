@@ -1,6 +1,8 @@
 //! Verdict vocabulary: the per-instance outcome, its cache key, and the per-request record that
 //! clients read back by id.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::detector::Score;
@@ -161,13 +163,13 @@ pub struct InstanceReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VerdictReport {
     /// Verdict id.
-    pub id: String,
+    pub id: Arc<str>,
     /// Route name.
-    pub route: String,
+    pub route: Arc<str>,
     /// Combined verdict.
     pub verdict: Verdict,
     /// Detector fingerprint.
-    pub detector: String,
+    pub detector: Arc<str>,
     /// One entry per image in the request.
     pub instances: Vec<InstanceReport>,
 }
