@@ -44,8 +44,8 @@ use crate::telemetry::{self, metric::RouteMetrics};
 /// Route-specific guard settings.
 #[derive(Debug, Clone)]
 pub struct RouteGuard {
-    /// Route name (metrics, spans, verdicts).
-    pub name: String,
+    /// Route name (metrics, spans, verdicts); shared by every request's verdict record.
+    pub name: Arc<str>,
     /// Low-cardinality span name, e.g. the route prefix.
     pub span_name: String,
     /// Where the image is.
@@ -64,7 +64,7 @@ impl RouteGuard {
     /// From a configured route.
     pub fn from_config(r: &RouteConfig, num_classes: u32) -> Self {
         Self {
-            name: r.name.clone(),
+            name: r.name.as_str().into(),
             span_name: r.prefix.clone(),
             request: r.request.clone(),
             response: r.response.clone(),
@@ -80,8 +80,6 @@ struct RouteState {
     guard: Arc<Guard>,
     route: RouteGuard,
     metrics: RouteMetrics,
-    /// `route.name`, shared by every request's record.
-    name: Arc<str>,
 }
 
 /// Tower layer putting the guard around a service whose answers carry the predicted label.
@@ -98,7 +96,6 @@ impl DiffGuardLayer {
         Self {
             state: Arc::new(RouteState {
                 guard,
-                name: route.name.as_str().into(),
                 route,
                 metrics,
             }),
@@ -182,7 +179,6 @@ where
         guard,
         route,
         metrics,
-        ..
     } = &**state;
     let started = Instant::now();
     let span = tracing::info_span!(
@@ -331,7 +327,7 @@ where
     let body = buffer(body, limit)
         .await
         .map_err(|e| GuardError::UpstreamUnreadable(e.to_string()))?;
-    let record = score(state, &images, &body).await;
+    let record = score(guard, route, &images, &body).await;
     let record = Arc::new(record);
     tracing::Span::current().record("diffguard.id", &*record.id);
 
@@ -391,10 +387,12 @@ fn unreadable(report: &VerdictReport) -> bool {
 }
 
 /// Reads the labels and starts (or finds) one verdict per image.
-async fn score(state: &RouteState, images: &[ImageInput], body: &Bytes) -> RequestRecord {
-    let RouteState {
-        guard, route, name, ..
-    } = state;
+async fn score(
+    guard: &Arc<Guard>,
+    route: &RouteGuard,
+    images: &[ImageInput],
+    body: &Bytes,
+) -> RequestRecord {
     // The encoder writes the hyphenated text directly; `to_string` went through `fmt`.
     let id: Arc<str> = uuid::Uuid::new_v4()
         .hyphenated()
@@ -402,7 +400,7 @@ async fn score(state: &RouteState, images: &[ImageInput], body: &Bytes) -> Reque
         .into();
     let record = |instances| RequestRecord {
         id: id.clone(),
-        route: name.clone(),
+        route: route.name.clone(),
         detector: guard.shared_fingerprint(),
         instances,
     };
