@@ -17,7 +17,10 @@
 # upstream): nginx, the guard on a cache hit (`flag`), the guard passing through (`off`: its
 # forwarding layer with no guard work), and examples/hyper_floor.rs (hyper alone: the floor under
 # that layer). Counts do not depend on what else the machine runs, so they compare builds on a
-# shared machine where req/s and CPU time drift by tens of percent.
+# shared machine where req/s and CPU time drift by tens of percent. The same runs simulate the
+# caches (callgrind --cache-sim, the host's cache sizes): L1 instruction and data misses per
+# request say how much code and data a request drags through the core, which instruction counts
+# alone do not (the process's own accesses only; the kernel's are not simulated).
 #
 # Upstreams (UPSTREAMS, space-separated):
 #   static   nginx answering every POST with a fixed JSON (`return 200`): the cheapest upstream
@@ -245,7 +248,8 @@ TCK=$(getconf CLK_TCK)
 median() { sort -g | awk '{a[NR]=$1} END{print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 # --- MODE=instructions -------------------------------------------------------------------------
-# One bounded wrk run against a process under callgrind; prints "requests instructions".
+# One bounded wrk run against a process under callgrind; prints "requests instructions
+# I1-misses D1-misses" (D1: read and write misses).
 count_instructions() { # pid url
   load "$2" "$WARMUP" >/dev/null
   callgrind_control -z "$1" >/dev/null 2>&1
@@ -254,11 +258,17 @@ count_instructions() { # pid url
   callgrind_control -d "$1" >/dev/null 2>&1
   n=$(cut -d' ' -f4 <<<"$r")
   f=$(ls -t "$WORK"/cg."$1".* | head -1)
-  echo "$n $(callgrind_annotate "$f" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')"
+  # Totals by event name: the column order is the one "Events shown:" lists.
+  echo "$n $(callgrind_annotate "$f" 2>/dev/null | awk '
+    /^Events shown:/ {for (i = 3; i <= NF; i++) col[$i] = i - 2}
+    /PROGRAM TOTALS/ {
+      gsub(",", ""); gsub(/\([^)]*\)/, ""); split($0, v, " +")
+      print v[col["Ir"]], v[col["I1mr"]], v[col["D1mr"]] + v[col["D1mw"]]
+    }')"
 }
 
 if [ "$MODE" = instructions ]; then
-  CG=(valgrind --tool=callgrind "--callgrind-out-file=$WORK/cg.%p")
+  CG=(valgrind --tool=callgrind --cache-sim=yes "--callgrind-out-file=$WORK/cg.%p")
   UP_URL=http://127.0.0.1:$P_STATIC
   nginx_proxy cg-nginx "$P_STATIC" "master_process off;" "${CG[@]}"
   NGINX_PID=${PIDS[-1]}
@@ -290,9 +300,9 @@ policy = { mode = "off" }' >>"$WORK/guard-cg.toml"
       "http://127.0.0.1:$P_GUARD$PATH_Q" | grep -qi '^diffguard-cache: hit' && break
     sleep 1
   done
-  echo "INSTRUCTIONS (callgrind Ir per request; wrk -t$THREADS -c$CONNS, ${DURATION}s per target)"
-  echo "| path | requests | instructions / request | vs nginx |"
-  echo "|---|---:|---:|---:|"
+  echo "INSTRUCTIONS (callgrind per request; wrk -t$THREADS -c$CONNS, ${DURATION}s per target)"
+  echo "| path | requests | instructions / request | vs nginx | L1i misses / request | L1d misses / request |"
+  echo "|---|---:|---:|---:|---:|---:|"
   base=""
   for t in nginx guard-hit guard-off hyper-floor; do
     case $t in
@@ -301,10 +311,11 @@ policy = { mode = "off" }' >>"$WORK/guard-cg.toml"
       guard-hit) r=$(count_instructions "$GUARD_PID" "http://127.0.0.1:$P_GUARD$PATH_Q") ;;
       guard-off) r=$(count_instructions "$GUARD_PID" "http://127.0.0.1:$P_GUARD/passthrough$PATH_Q") ;;
     esac
-    read -r n ir <<<"$r"
+    read -r n ir i1 d1 <<<"$r"
     per=$((ir / n))
     base=${base:-$per}
-    awk -v t="$t" -v n="$n" -v p="$per" -v b="$base" 'BEGIN {printf "| %s | %d | %d | %.2fx |\n", t, n, p, p / b}'
+    awk -v t="$t" -v n="$n" -v p="$per" -v b="$base" -v i="$i1" -v d="$d1" \
+      'BEGIN {printf "| %s | %d | %d | %.2fx | %.0f | %.0f |\n", t, n, p, p / b, i / n, d / n}'
   done
   exit 0
 fi
