@@ -17,7 +17,7 @@ COPY config ./config
 # instructions per proxied request than `release`, benches/proxy_vs_nginx.md); the example
 # upstream needs no such care. With --build-arg PGO=1 the guard is built profile-guided
 # (scripts/pgo.sh: instrumented build, a minute of loopback training on the bundled models and
-# images, rebuild): about 16 % fewer instructions per cache hit, at twice the build time.
+# images, rebuild): about 18 % fewer instructions per cache hit, at twice the build time.
 ARG PGO=0
 COPY scripts ./scripts
 COPY models ./models

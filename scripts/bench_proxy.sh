@@ -7,6 +7,7 @@
 #   MODE=instructions scripts/bench_proxy.sh    # instructions per request under callgrind
 #   DETECTOR=logits UPSTREAMS=static scripts/bench_proxy.sh   # no model loaded (RSS target)
 #   MODE=latency RATE=2000 scripts/bench_proxy.sh               # open-loop, fixed request rate
+#   scripts/pgo.sh && GUARD_BIN=target/pgo/diffguard scripts/bench_proxy.sh   # profile-guided guard
 #
 # MODE=latency replaces wrk (closed loop: 32 connections each waiting for its answer, so it
 # measures queueing at saturation) by examples/loadgen.rs at a fixed request rate below every
