@@ -401,7 +401,7 @@ async fn score(
     let record = |instances| RequestRecord {
         id: id.clone(),
         route: route.name.clone(),
-        detector: guard.shared_fingerprint(),
+        detector: guard.fingerprint().clone(),
         instances,
     };
     let unverified_all = |reason: String| {

@@ -119,14 +119,9 @@ impl Guard {
         }))
     }
 
-    /// Detector fingerprint.
-    pub fn fingerprint(&self) -> &str {
+    /// Detector fingerprint (shared: every request's record carries a clone).
+    pub fn fingerprint(&self) -> &Arc<str> {
         &self.fingerprint
-    }
-
-    /// The fingerprint, shared (every request's record carries it).
-    pub(crate) fn shared_fingerprint(&self) -> Arc<str> {
-        self.fingerprint.clone()
     }
 
     /// The detector.
