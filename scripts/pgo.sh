@@ -47,10 +47,6 @@ find_profdata() {
   done
   return 1
 }
-PROFDATA=$(find_profdata) || die "no llvm-profdata of LLVM >= 19: rustup component add llvm-tools, or apt-get install llvm-19"
-command -v wrk >/dev/null || die "wrk missing (apt-get install wrk)"
-log "llvm-profdata: $PROFDATA"
-
 # --target keeps RUSTFLAGS off build scripts and proc macros; each stage has its own target dir
 # so the instrumented and the optimised builds do not overwrite each other's dependencies.
 build() { # stage rustflags
@@ -59,14 +55,32 @@ build() { # stage rustflags
     --target "$TRIPLE" --target-dir "$BASE/target-$1"
 }
 
+# The optimised build from a merged profile.
+build_with() { # profile
+  log "profile: $1 ($(du -h "$1" | cut -f1))"
+  build use "-Cprofile-use=$1"
+  mkdir -p "$(dirname "$OUT")"
+  cp "$BASE/target-use/$TRIPLE/dist/diffguard" "$OUT"
+  log "wrote $OUT"
+}
+
+# PGO_PROFILE=FILE uses a merged profile from an earlier run: no instrumented build, no training.
+if [ -n "${PGO_PROFILE:-}" ]; then
+  [ -f "$PGO_PROFILE" ] || die "PGO_PROFILE=$PGO_PROFILE: no such file"
+  build_with "$PGO_PROFILE"
+  exit 0
+fi
+
+PROFDATA=$(find_profdata) || die "no llvm-profdata of LLVM >= 19: rustup component add llvm-tools, or apt-get install llvm-19"
+command -v wrk >/dev/null || die "wrk missing (apt-get install wrk)"
+log "llvm-profdata: $PROFDATA"
+
 RAW=$BASE/raw
+rm -rf "$RAW"
+mkdir -p "$RAW"
 GEN_BIN=$BASE/target-gen/$TRIPLE/dist/diffguard
-# PGO_REUSE_GEN=1 keeps an instrumented build from an earlier run (when only the training changed);
-# PGO_PROFILE=FILE uses a merged profile from an earlier run and skips that stage.
-PROFILE=${PGO_PROFILE:-}
-[ -z "$PROFILE" ] || [ -f "$PROFILE" ] || die "PGO_PROFILE=$PROFILE: no such file"
-[ -n "$PROFILE" ] || { rm -rf "$RAW"; mkdir -p "$RAW"; }
-if [ -z "$PROFILE" ] && { [ -z "${PGO_REUSE_GEN:-}" ] || [ ! -x "$GEN_BIN" ]; }; then
+# PGO_REUSE_GEN=1 keeps an instrumented build from an earlier run (when only the training changed).
+if [ -z "${PGO_REUSE_GEN:-}" ] || [ ! -x "$GEN_BIN" ]; then
   build gen "-Cprofile-generate=$RAW"
 fi
 cargo build --release --locked -q -p diffguard --example upstream
@@ -93,39 +107,34 @@ PIDS+=($!)
 wait_port "$PORT"
 LABELS='["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]'
 # The Redis tier is trained too when a server answers (REDIS_URL, default 127.0.0.1:6379), under
-# a key prefix of its own per run and stage (so each stage scores its misses) whose keys expire
-# within the hour.
+# a key prefix of its own per run (so this run scores its misses) whose keys expire within the hour.
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/0}
 REDIS_TOML=""
 if command -v redis-cli >/dev/null && redis-cli -u "$REDIS_URL" ping 2>/dev/null | grep -q PONG; then
-  REDIS_TOML=$(printf '[cache.redis]\nurl = "%s"\nkey_prefix = "diffguard:pgo:%s:@STAGE@:"\nttl_secs = 3600\n' "$REDIS_URL" "$$")
+  REDIS_TOML=$(printf '[cache.redis]\nurl = "%s"\nkey_prefix = "diffguard:pgo:%s:"\nttl_secs = 3600\n' "$REDIS_URL" "$$")
   log "training with the Redis tier at $REDIS_URL"
 fi
-# One route per adapter and policy, each on the example upstream's matching API:
-#   name | prefix | request | response | policy | path sent | body kind
+# One route per adapter and policy, each on the example upstream's matching API (the raw routes
+# share its /predictions/ API under prefixes of their own, stripped):
+#   name | prefix | strip_prefix | request | response | policy | path sent | body kind
 ROUTES=(
-  'flag|/flag/|{ kind = "raw" }|{ kind = "top_key" }|flag|/flag/predictions/m|raw'
-  'reject|/reject/|{ kind = "raw" }|{ kind = "top_key" }|reject|/reject/predictions/m|raw'
-  'off|/off/|{ kind = "raw" }|{ kind = "top_key" }|off|/off/predictions/m|raw'
-  'kserve|/v1/models/|{ kind = "kserve_v1" }|{ kind = "kserve_v1" }|flag|/v1/models/fashion:predict|kserve'
-  'oip|/v2/models/|{ kind = "oip_v2", input = "image" }|{ kind = "oip_v2", output = "probabilities" }|reject|/v2/models/fashion/infer|oip'
-  'custom|/classify|{ kind = "json_base64", pointer = "/image" }|{ kind = "pointer_index", pointer = "/result/class_id", logits = "/logits" }|shadow|/classify|custom'
-  'upload|/upload|{ kind = "multipart", field = "file" }|{ kind = "pointer_name", pointer = "/result/class_name" }|flag|/upload|multipart'
+  'flag|/flag/|true|{ kind = "raw" }|{ kind = "top_key" }|flag|/flag/predictions/m|raw'
+  'reject|/reject/|true|{ kind = "raw" }|{ kind = "top_key" }|reject|/reject/predictions/m|raw'
+  'off|/off/|true|{ kind = "raw" }|{ kind = "top_key" }|off|/off/predictions/m|raw'
+  'kserve|/v1/models/|false|{ kind = "kserve_v1" }|{ kind = "kserve_v1" }|flag|/v1/models/fashion:predict|kserve'
+  'oip|/v2/models/|false|{ kind = "oip_v2", input = "image" }|{ kind = "oip_v2", output = "probabilities" }|reject|/v2/models/fashion/infer|oip'
+  'custom|/classify|false|{ kind = "json_base64", pointer = "/image" }|{ kind = "pointer_index", pointer = "/result/class_id", logits = "/logits" }|shadow|/classify|custom'
+  'upload|/upload|false|{ kind = "multipart", field = "file" }|{ kind = "pointer_name", pointer = "/result/class_name" }|flag|/upload|multipart'
 )
-write_config() { # stage -> $WORK/guard-<stage>.toml
-  {
-    printf '[detector]\nkind = "diffguard"\nthreads = 1\nnum_classes = 10\n\n%s\n' "${REDIS_TOML//@STAGE@/$1}"
-    for r in "${ROUTES[@]}"; do
-      IFS='|' read -r name prefix req resp policy _ _ <<<"$r"
-      # The raw routes share the upstream's /predictions/ API under prefixes of their own.
-      strip=false
-      [[ $name == flag || $name == reject || $name == off ]] && strip=true
-      printf '\n[[routes]]\nname = "%s"\nprefix = "%s"\nupstream = "http://127.0.0.1:%s"\n' "$name" "$prefix" "$PORT"
-      printf 'strip_prefix = %s\nrequest = %s\nresponse = %s\ninject_body = true\n' "$strip" "$req" "$resp"
-      printf 'policy = { mode = "%s", wait_ms = 30000, fail_mode = "open" }\nlabels = %s\n' "$policy" "$LABELS"
-    done
-  } >"$WORK/guard-$1.toml"
-}
+{
+  printf '[detector]\nkind = "diffguard"\nthreads = 1\nnum_classes = 10\n\n%s\n' "$REDIS_TOML"
+  for r in "${ROUTES[@]}"; do
+    IFS='|' read -r name prefix strip req resp policy _ _ <<<"$r"
+    printf '\n[[routes]]\nname = "%s"\nprefix = "%s"\nupstream = "http://127.0.0.1:%s"\n' "$name" "$prefix" "$PORT"
+    printf 'strip_prefix = %s\nrequest = %s\nresponse = %s\ninject_body = true\n' "$strip" "$req" "$resp"
+    printf 'policy = { mode = "%s", wait_ms = 30000, fail_mode = "open" }\nlabels = %s\n' "$policy" "$LABELS"
+  done
+} >"$WORK/guard.toml"
 
 # Request bodies of every kind for every bundled image.
 IMAGES=(examples/assets/images/*.png)
@@ -149,7 +158,7 @@ content_type() {
 }
 
 for r in "${ROUTES[@]}"; do
-  IFS='|' read -r name _ _ _ _ path kind <<<"$r"
+  IFS='|' read -r name _ _ _ _ _ path kind <<<"$r"
   {
     echo 'local bodies = {}'
     for i in "${!IMAGES[@]}"; do
@@ -164,57 +173,45 @@ for r in "${ROUTES[@]}"; do
   } >"$WORK/$name.lua"
 done
 
-# Runs one instrumented guard binary through the training and stops it; its profile is written
-# when it exits normally (SIGTERM: graceful shutdown).
-train() { # binary stage
-  write_config "$2"
-  "$1" serve --config "$WORK/guard-$2.toml" \
-    --listen "127.0.0.1:$((PORT + 1))" --ops-listen "127.0.0.1:$((PORT + 2))" 2>"$WORK/guard-$2.log" &
-  local pid=$!
-  PIDS+=($pid)
-  wait_port "$((PORT + 1))"
-  local guard=http://127.0.0.1:$((PORT + 1)) r name path kind i
-  # Misses first (each image scored once by the engine), then load over hits.
-  for r in "${ROUTES[@]}"; do
-    IFS='|' read -r _ _ _ _ _ path kind <<<"$r"
-    for i in "${!IMAGES[@]}"; do
-      curl -s -o /dev/null --max-time 120 -X POST --data-binary "@$WORK/bodies/$kind-$i" \
-        -H "Content-Type: $(content_type "$kind")" "$guard$path" || true
-    done
+"$GEN_BIN" serve --config "$WORK/guard.toml" \
+  --listen "127.0.0.1:$((PORT + 1))" --ops-listen "127.0.0.1:$((PORT + 2))" 2>"$WORK/guard.log" &
+GUARD_PID=$!
+PIDS+=($GUARD_PID)
+wait_port "$((PORT + 1))"
+GUARD=http://127.0.0.1:$((PORT + 1))
+# Misses first (each image scored once by the engine), then load over hits.
+for r in "${ROUTES[@]}"; do
+  IFS='|' read -r _ _ _ _ _ _ path kind <<<"$r"
+  for i in "${!IMAGES[@]}"; do
+    curl -s -o /dev/null --max-time 120 -X POST --data-binary "@$WORK/bodies/$kind-$i" \
+      -H "Content-Type: $(content_type "$kind")" "$GUARD$path" || true
   done
-  # Bad input: not an image, a truncated PNG, invalid JSON, a forged header, an unknown route.
-  curl -s -o /dev/null --max-time 10 -X POST --data 'not an image' "$guard/flag/predictions/m" || true
-  head -c 100 "${IMAGES[0]}" | curl -s -o /dev/null --max-time 10 -X POST --data-binary @- \
-    -H 'Content-Type: image/png' "$guard/flag/predictions/m" || true
-  curl -s -o /dev/null --max-time 10 -X POST --data '{"instances": [' -H 'Content-Type: application/json' \
-    "$guard/v1/models/fashion:predict" || true
-  curl -s -o /dev/null --max-time 10 -X POST --data-binary "@${IMAGES[0]}" -H 'diffguard-verdict: ok' \
-    "$guard/flag/predictions/m" || true
-  curl -s -o /dev/null --max-time 10 "$guard/nowhere" || true
-  curl -s -o /dev/null --max-time 10 "http://127.0.0.1:$((PORT + 2))/metrics" || true
+done
+# Bad input: not an image, a truncated PNG, invalid JSON, a forged header, an unknown route.
+curl -s -o /dev/null --max-time 10 -X POST --data 'not an image' "$GUARD/flag/predictions/m" || true
+head -c 100 "${IMAGES[0]}" | curl -s -o /dev/null --max-time 10 -X POST --data-binary @- \
+  -H 'Content-Type: image/png' "$GUARD/flag/predictions/m" || true
+curl -s -o /dev/null --max-time 10 -X POST --data '{"instances": [' -H 'Content-Type: application/json' \
+  "$GUARD/v1/models/fashion:predict" || true
+curl -s -o /dev/null --max-time 10 -X POST --data-binary "@${IMAGES[0]}" -H 'diffguard-verdict: ok' \
+  "$GUARD/flag/predictions/m" || true
+curl -s -o /dev/null --max-time 10 "$GUARD/nowhere" || true
+curl -s -o /dev/null --max-time 10 "http://127.0.0.1:$((PORT + 2))/metrics" || true
 
-  for r in "${ROUTES[@]}"; do
-    IFS='|' read -r name _ _ _ _ path _ <<<"$r"
-    log "training on route $name ($path) for ${TRAIN_SECS}s"
-    timeout $((TRAIN_SECS + 30)) wrk -t2 -c16 -d"${TRAIN_SECS}s" -s "$WORK/$name.lua" "$guard$path" \
-      | grep -E 'Requests/sec|Non-2xx' >&2 || true
-  done
-  kill -TERM "$pid"
-  wait "$pid" || die "the $2 guard failed: $(tail -3 "$WORK/guard-$2.log")"
-}
+for r in "${ROUTES[@]}"; do
+  IFS='|' read -r name _ _ _ _ _ path _ <<<"$r"
+  log "training on route $name ($path) for ${TRAIN_SECS}s"
+  timeout $((TRAIN_SECS + 30)) wrk -t2 -c16 -d"${TRAIN_SECS}s" -s "$WORK/$name.lua" "$GUARD$path" \
+    | grep -E 'Requests/sec|Non-2xx' >&2 || true
+done
+# The profile is written when the guard exits normally (SIGTERM: graceful shutdown).
+kill -TERM "$GUARD_PID"
+wait "$GUARD_PID" || die "the instrumented guard failed: $(tail -3 "$WORK/guard.log")"
 
-if [ -z "$PROFILE" ]; then
-  train "$GEN_BIN" pgo
-  ls "$RAW"/*.profraw >/dev/null 2>&1 || die "the instrumented guard wrote no profile"
-  "$PROFDATA" merge -o "$BASE/merged.profdata" "$RAW"/*.profraw
-  # Cargo does not watch the profile file, only RUSTFLAGS: a path named by the profile's hash
-  # makes a new profile rebuild everything, and an unchanged one nothing.
-  PROFILE=$BASE/merged-$(sha256sum "$BASE/merged.profdata" | cut -c1-16).profdata
-  mv "$BASE/merged.profdata" "$PROFILE"
-fi
-log "profile: $PROFILE ($(du -h "$PROFILE" | cut -f1))"
-
-build use "-Cprofile-use=$PROFILE"
-mkdir -p "$(dirname "$OUT")"
-cp "$BASE/target-use/$TRIPLE/dist/diffguard" "$OUT"
-log "wrote $OUT"
+ls "$RAW"/*.profraw >/dev/null 2>&1 || die "the instrumented guard wrote no profile"
+"$PROFDATA" merge -o "$BASE/merged.profdata" "$RAW"/*.profraw
+# Cargo does not watch the profile file, only RUSTFLAGS: a path named by the profile's hash makes
+# a new profile rebuild everything, and an unchanged one nothing.
+PROFILE=$BASE/merged-$(sha256sum "$BASE/merged.profdata" | cut -c1-16).profdata
+mv "$BASE/merged.profdata" "$PROFILE"
+build_with "$PROFILE"
