@@ -8,11 +8,13 @@
 //! cargo run --release --example hyper_floor -- --listen 127.0.0.1:18486 --upstream http://127.0.0.1:18481
 //! ```
 
+#[path = "support/per_core.rs"]
+mod per_core;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Parser;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -62,54 +64,25 @@ async fn forward(
     })
 }
 
-async fn serve(listener: tokio::net::TcpListener, upstream: Uri) {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of descriptors, most likely: give connections time to close.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (client, upstream) = (client.clone(), upstream.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| forward(client.clone(), upstream.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let threads = match args.threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    };
-    let listener = std::net::TcpListener::bind(args.listen)
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    listener.set_nonblocking(true)?;
-    let mut handles = Vec::with_capacity(threads);
-    for _ in 0..threads {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let own = {
-            let _in_runtime = runtime.enter();
-            tokio::net::TcpListener::from_std(listener.try_clone()?)?
-        };
-        let upstream = args.upstream.clone();
-        handles.push(std::thread::spawn(move || {
-            runtime.block_on(serve(own, upstream))
-        }));
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    Ok(())
+    let upstream = args.upstream;
+    per_core::serve_per_core(args.listen, args.threads, || {
+        // One pool per I/O thread, as the guard keeps one per thread.
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let upstream = upstream.clone();
+        move |stream| {
+            let (client, upstream) = (client.clone(), upstream.clone());
+            async move {
+                let svc = service_fn(move |req| forward(client.clone(), upstream.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        }
+    })
 }

@@ -8,6 +8,7 @@
 #   DETECTOR=logits UPSTREAMS=static scripts/bench_proxy.sh   # no model loaded (RSS target)
 #   MODE=latency RATE=2000 scripts/bench_proxy.sh               # open-loop, fixed request rate
 #   scripts/pgo.sh && GUARD_BIN=target/pgo/diffguard scripts/bench_proxy.sh   # profile-guided guard
+#   FLOOR=tokio scripts/bench_proxy.sh          # the floor without an HTTP library (see below)
 #
 # MODE=latency replaces wrk (closed loop: 32 connections each waiting for its answer, so it
 # measures queueing at saturation) by examples/loadgen.rs at a fixed request rate below every
@@ -16,12 +17,12 @@
 #
 # MODE=instructions counts what each proxy executes per request (valgrind's callgrind, static
 # upstream): nginx, the guard on a cache hit (`flag`), the guard passing through (`off`: its
-# forwarding layer with no guard work), and examples/hyper_floor.rs (hyper alone: the floor under
-# that layer). Counts do not depend on what else the machine runs, so they compare builds on a
-# shared machine where req/s and CPU time drift by tens of percent. The same runs simulate the
-# caches (callgrind --cache-sim, the host's cache sizes): L1 instruction and data misses per
-# request say how much code and data a request drags through the core, which instruction counts
-# alone do not (the process's own accesses only; the kernel's are not simulated).
+# forwarding layer with no guard work), and the floor (below). Counts do not depend on what else
+# the machine runs, so they compare builds on a shared machine where req/s and CPU time drift by
+# tens of percent. The same runs simulate the caches (callgrind --cache-sim, the host's cache
+# sizes): L1 instruction and data misses per request say how much code and data a request drags
+# through the core, which instruction counts alone do not (the process's own accesses only; the
+# kernel's are not simulated).
 #
 # Upstreams (UPSTREAMS, space-separated):
 #   static   nginx answering every POST with a fixed JSON (`return 200`): the cheapest upstream
@@ -32,9 +33,12 @@
 # reads the same label from both.
 #
 # Per upstream, four targets get the same load (same body, connections, threads, duration):
-# direct upstream, nginx reverse proxy, guard, and `hyper`: examples/hyper_floor.rs, a
-# pass-through proxy of hyper + hyper-util alone on the guard's runtime layout (the floor of the
-# guard's HTTP stack, no guard work). Order rotates each rep; medians are reported.
+# direct upstream, nginx reverse proxy, guard, and a floor, a pass-through proxy on the guard's
+# runtime layout with no guard work, chosen by FLOOR:
+#   hyper   examples/hyper_floor.rs: hyper + hyper-util alone (the floor of the guard's HTTP stack)
+#   tokio   examples/tokio_floor.rs: bytes relayed as framed by httparse, no HTTP library (the
+#           floor of any Tokio proxy: what the runtime and the kernel cost per request)
+# Order rotates each rep; medians are reported.
 # Every process started here is killed on exit. Installs nginx-light / wrk only when missing.
 set -euo pipefail
 
@@ -63,14 +67,19 @@ P_EXAMPLE=$((BASE_PORT + 2))
 P_NGINX=$((BASE_PORT + 3))
 P_GUARD=$((BASE_PORT + 4))
 P_OPS=$((BASE_PORT + 5))
-P_HYPER=$((BASE_PORT + 6))
+P_FLOOR=$((BASE_PORT + 6))
 PATH_Q=/predictions/fashion
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-# The guard and the hyper floor as shipped: the `dist` profile (fat LTO), as nginx is built -O2.
+FLOOR=${FLOOR:-hyper}
+case $FLOOR in
+  hyper | tokio) ;;
+  *) echo "unknown FLOOR=$FLOOR (hyper or tokio)" >&2; exit 1 ;;
+esac
+# The guard and the floor as shipped: the `dist` profile (fat LTO), as nginx is built -O2.
 GUARD_BIN=${GUARD_BIN:-$TARGET_DIR/dist/diffguard}
 UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET_DIR/release/examples/upstream}
 LOADGEN_BIN=${LOADGEN_BIN:-$TARGET_DIR/release/examples/loadgen}
-HYPER_BIN=${HYPER_BIN:-$TARGET_DIR/dist/examples/hyper_floor}
+FLOOR_BIN=${FLOOR_BIN:-$TARGET_DIR/dist/examples/${FLOOR}_floor}
 RATE=${RATE:-2000}
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -98,9 +107,9 @@ need_pkg nginx nginx-light nginx
 need_pkg wrk wrk
 [ "$MODE" = instructions ] && need_pkg valgrind valgrind
 command -v curl >/dev/null || die "curl missing"
-if [ ! -x "$GUARD_BIN" ] || [ ! -x "$HYPER_BIN" ]; then
-  log "building the guard and the hyper floor (profile dist) into $TARGET_DIR"
-  cargo build --profile dist -q -p diffguard --bin diffguard --example hyper_floor
+if [ ! -x "$GUARD_BIN" ] || [ ! -x "$FLOOR_BIN" ]; then
+  log "building the guard and the $FLOOR floor (profile dist) into $TARGET_DIR"
+  cargo build --profile dist -q -p diffguard --bin diffguard --example "${FLOOR}_floor"
 fi
 if [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$LOADGEN_BIN" ]; then
   log "building the example upstream and the load generator (release) into $TARGET_DIR"
@@ -108,7 +117,7 @@ if [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$LOADGEN_BIN" ]; then
 fi
 [ -f "$IMAGE" ] || die "no image $IMAGE"
 
-for p in $P_STATIC $P_EXAMPLE $P_NGINX $P_GUARD $P_OPS $P_HYPER; do
+for p in $P_STATIC $P_EXAMPLE $P_NGINX $P_GUARD $P_OPS $P_FLOOR; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p busy (set BASE_PORT)"; fi
 done
 
@@ -283,12 +292,12 @@ policy = { mode = "off" }' >>"$WORK/guard-cg.toml"
     --ops-listen "127.0.0.1:$P_OPS" 2>"$WORK/guard-cg.log" &
   GUARD_PID=$!
   PIDS+=($GUARD_PID)
-  "${CG[@]}" "$HYPER_BIN" --listen "127.0.0.1:$P_HYPER" --upstream "$UP_URL" \
-    2>"$WORK/hyper-cg.log" &
-  HYPER_PID=$!
-  PIDS+=($HYPER_PID)
+  "${CG[@]}" "$FLOOR_BIN" --listen "127.0.0.1:$P_FLOOR" --upstream "$UP_URL" \
+    2>"$WORK/floor-cg.log" &
+  FLOOR_PID=$!
+  PIDS+=($FLOOR_PID)
   wait_port "$P_NGINX" "nginx proxy (callgrind)"
-  wait_port "$P_HYPER" "hyper floor (callgrind)"
+  wait_port "$P_FLOOR" "$FLOOR floor (callgrind)"
   for _ in $(seq 1 600); do
     (exec 3<>"/dev/tcp/127.0.0.1/$P_GUARD") 2>/dev/null && break
     kill -0 "$GUARD_PID" 2>/dev/null || die "guard exited: $(grep -v '^==' "$WORK/guard-cg.log" | tail -3)"
@@ -305,17 +314,17 @@ policy = { mode = "off" }' >>"$WORK/guard-cg.toml"
   echo "| path | requests | instructions / request | vs nginx | L1i misses / request | L1d misses / request |"
   echo "|---|---:|---:|---:|---:|---:|"
   base=""
-  for t in nginx guard-hit guard-off hyper-floor; do
+  for t in nginx guard-hit guard-off floor; do
     case $t in
       nginx) r=$(count_instructions "$NGINX_PID" "http://127.0.0.1:$P_NGINX$PATH_Q") ;;
-      hyper-floor) r=$(count_instructions "$HYPER_PID" "http://127.0.0.1:$P_HYPER$PATH_Q") ;;
+      floor) r=$(count_instructions "$FLOOR_PID" "http://127.0.0.1:$P_FLOOR$PATH_Q") ;;
       guard-hit) r=$(count_instructions "$GUARD_PID" "http://127.0.0.1:$P_GUARD$PATH_Q") ;;
       guard-off) r=$(count_instructions "$GUARD_PID" "http://127.0.0.1:$P_GUARD/passthrough$PATH_Q") ;;
     esac
     read -r n ir i1 d1 <<<"$r"
     per=$((ir / n))
     base=${base:-$per}
-    awk -v t="$t" -v n="$n" -v p="$per" -v b="$base" -v i="$i1" -v d="$d1" \
+    awk -v t="${t/#floor/$FLOOR-floor}" -v n="$n" -v p="$per" -v b="$base" -v i="$i1" -v d="$d1" \
       'BEGIN {printf "| %s | %d | %d | %.2fx | %.0f | %.0f |\n", t, n, p, p / b, i / n, d / n}'
   done
   exit 0
@@ -341,11 +350,11 @@ for up in $UPSTREAMS; do
     --ops-listen "127.0.0.1:$P_OPS" 2>"$WORK/guard-$up.log" &
   GUARD_PID=$!
   PIDS+=($GUARD_PID)
-  "$HYPER_BIN" --listen "127.0.0.1:$P_HYPER" --upstream "$UP_URL" 2>"$WORK/hyper-$up.log" &
-  HYPER_PID=$!
-  PIDS+=($HYPER_PID)
+  "$FLOOR_BIN" --listen "127.0.0.1:$P_FLOOR" --upstream "$UP_URL" 2>"$WORK/floor-$up.log" &
+  FLOOR_PID=$!
+  PIDS+=($FLOOR_PID)
   wait_port "$P_GUARD" "guard"
-  wait_port "$P_HYPER" "hyper floor"
+  wait_port "$P_FLOOR" "$FLOOR floor"
 
   # Warm the verdict cache: the first request is scored by the engine (CPU, may take seconds);
   # repeat until the guard answers from the cache.
@@ -363,13 +372,13 @@ for up in $UPSTREAMS; do
   hits0=$(metric 'diffguard_cache_lookups_total{tier="memory",result="hit"}'); hits0=${hits0:-0}
 
   declare -A URL=([direct]="$UP_URL$PATH_Q" [nginx]="http://127.0.0.1:$P_NGINX$PATH_Q"
-                  [guard]="http://127.0.0.1:$P_GUARD$PATH_Q" [hyper]="http://127.0.0.1:$P_HYPER$PATH_Q")
+                  [guard]="http://127.0.0.1:$P_GUARD$PATH_Q" [floor]="http://127.0.0.1:$P_FLOOR$PATH_Q")
   # CPU per request of the hop under test (the upstream itself for `direct`): on a shared machine
   # this is steadier than req/s, which depends on what else the cores are doing.
-  declare -A HOP=([direct]="$UP_PID" [nginx]="$NGINX_PID" [guard]="$GUARD_PID" [hyper]="$HYPER_PID")
-  for t in direct nginx guard hyper; do load "${URL[$t]}" "$WARMUP" >/dev/null; done
-  orders=("direct nginx guard hyper" "nginx guard hyper direct" "guard hyper direct nginx"
-          "hyper direct nginx guard")
+  declare -A HOP=([direct]="$UP_PID" [nginx]="$NGINX_PID" [guard]="$GUARD_PID" [floor]="$FLOOR_PID")
+  for t in direct nginx guard floor; do load "${URL[$t]}" "$WARMUP" >/dev/null; done
+  orders=("direct nginx guard floor" "nginx guard floor direct" "guard floor direct nginx"
+          "floor direct nginx guard")
   : >"$WORK/runs-$up"
   for rep in $(seq 0 $((REPS - 1))); do
     for t in ${orders[$((rep % 4))]}; do
@@ -391,7 +400,7 @@ for up in $UPSTREAMS; do
   echo "RSS $up guard_idle_rss_kB=$rss0 guard_rss_kB=$rss1 guard_hwm_kB=$hwm1 nginx_rss_kB=$nrss"
   echo "HITS $up memory_hits_during_load=$((${hits1%.*} - ${hits0%.*})) measured_guard_requests=$guard_reqs engine_jobs=$jobs"
 
-  for t in direct nginx guard hyper; do
+  for t in direct nginx guard floor; do
     for col in 2 3 4 6 7; do
       eval "M_${t}_$col=\$(awk -v t=$t -v c=$col '\$1 == t {print \$c}' \"$WORK/runs-$up\" | median)"
     done
@@ -399,18 +408,18 @@ for up in $UPSTREAMS; do
   echo "TABLE $up"
   echo "| path | req/s (median) | p50 ms | p99 ms | added p50 ms | added p99 ms | errors | hop CPU µs/req |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  for t in direct nginx guard hyper; do
+  for t in direct nginx guard floor; do
     eval "rps=\$M_${t}_2 p50=\$M_${t}_3 p99=\$M_${t}_4 err=\$M_${t}_6 cpu=\$M_${t}_7"
-    awk -v t="$t" -v r="$rps" -v a="$p50" -v b="$p99" -v da="$M_direct_3" -v db="$M_direct_4" -v e="$err" -v cpu="$cpu" \
+    awk -v t="${t/#floor/$FLOOR floor}" -v r="$rps" -v a="$p50" -v b="$p99" -v da="$M_direct_3" -v db="$M_direct_4" -v e="$err" -v cpu="$cpu" \
       'BEGIN {printf "| %s | %.0f | %.3f | %.3f | %s | %s | %s | %.1f |\n", t, r, a/1000, b/1000,
         (t == "direct") ? "-" : sprintf("%+.3f", (a-da)/1000), (t == "direct") ? "-" : sprintf("%+.3f", (b-db)/1000), e, cpu}'
   done
-  awk -v g="$M_guard_2" -v n="$M_nginx_2" -v h="$M_hyper_2" \
-    'BEGIN {printf "RATIO guard/nginx req/s = %.2f (hyper floor/nginx = %.2f, guard/hyper floor = %.2f)\n", g/n, h/n, g/h}'
+  awk -v g="$M_guard_2" -v n="$M_nginx_2" -v h="$M_floor_2" -v f="$FLOOR" \
+    'BEGIN {printf "RATIO guard/nginx req/s = %.2f (%s floor/nginx = %.2f, guard/%s floor = %.2f)\n", g/n, f, h/n, f, g/h}'
   echo
 
-  kill "$GUARD_PID" "$NGINX_PID" "$HYPER_PID" 2>/dev/null || true
-  wait "$GUARD_PID" "$NGINX_PID" "$HYPER_PID" 2>/dev/null || true
+  kill "$GUARD_PID" "$NGINX_PID" "$FLOOR_PID" 2>/dev/null || true
+  wait "$GUARD_PID" "$NGINX_PID" "$FLOOR_PID" 2>/dev/null || true
   echo "GUARD_LOG_LINES $up $(wc -l <"$WORK/guard-$up.log")"
 done
 
