@@ -1,5 +1,8 @@
-# syntax=docker/dockerfile:1
-# Multi-stage build: compile in the Rust image, run in debian-slim as a non-root user.
+# Multi-stage build: compile in the Rust image, run in debian-slim as a non-root user. Needs BuildKit
+# (the default since Docker 23; `DOCKER_BUILDKIT=1` before): the build stage uses cache mounts,
+# which its built-in Dockerfile frontend understands, so no `# syntax=` line sends it to Docker Hub
+# for another. Where Docker Hub is out of reach, scripts/docker-offline-bases.sh builds local
+# stand-ins for the two base images first.
 #   docker build -t diffguard .
 #   docker build --build-arg PGO=1 -t diffguard .              # profile-guided guard binary
 #   docker run -p 8080:8080 -p 9090:9090 diffguard            # embedded default config
@@ -14,8 +17,9 @@ COPY src ./src
 COPY examples ./examples
 COPY config ./config
 # The guard is built with the `dist` profile (fat LTO, one codegen unit: about 8 % fewer
-# instructions per proxied request than `release`, benches/proxy_vs_nginx.md); the example
-# upstream needs no such care. With --build-arg PGO=1 the guard is built profile-guided
+# instructions per proxied request than `release`, benches/proxy_vs_nginx.md). The example
+# upstream needs no such care, but built with the same profile it reuses the guard's compiled
+# dependencies instead of compiling them all again. With --build-arg PGO=1 the guard is built profile-guided
 # (scripts/pgo.sh: instrumented build, a minute of loopback training on the bundled models and
 # images, rebuild): about 18 % fewer instructions per cache hit, at twice the build time.
 ARG PGO=0
@@ -32,8 +36,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
       cargo build --profile dist --locked -p diffguard --bin diffguard \
       && cp target/dist/diffguard /out/diffguard; \
     fi \
- && cargo build --release --locked -p diffguard --example upstream \
- && cp target/release/examples/upstream /out/diffguard-upstream
+ && cargo build --profile dist --locked -p diffguard --example upstream \
+ && cp target/dist/examples/upstream /out/diffguard-upstream
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
