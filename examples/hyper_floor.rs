@@ -8,14 +8,13 @@
 //! cargo run --release --example hyper_floor -- --listen 127.0.0.1:18486 --upstream http://127.0.0.1:18481
 //! ```
 
-#[path = "support/per_core.rs"]
-mod per_core;
+#[path = "support/floor.rs"]
+mod floor;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::Parser as _;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
@@ -24,20 +23,6 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-
-/// Pass-through reverse proxy (hyper only), for benchmarks.
-#[derive(Parser)]
-struct Args {
-    /// Listen address.
-    #[arg(long)]
-    listen: SocketAddr,
-    /// Upstream base URL (`http://host:port`); request paths are appended.
-    #[arg(long)]
-    upstream: Uri,
-    /// I/O threads; 0 = one per CPU.
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-}
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -65,9 +50,9 @@ async fn forward(
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = floor::Args::parse();
     let upstream = args.upstream;
-    per_core::serve_per_core(args.listen, args.threads, || {
+    floor::serve_per_core(args.listen, args.threads, || {
         // One pool per I/O thread, as the guard keeps one per thread.
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);

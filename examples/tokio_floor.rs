@@ -10,32 +10,17 @@
 //! cargo run --release --example tokio_floor -- --listen 127.0.0.1:18486 --upstream http://127.0.0.1:18481
 //! ```
 
-#[path = "support/per_core.rs"]
-mod per_core;
+#[path = "support/floor.rs"]
+mod floor;
 
 use std::io;
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
 use bytes::{Buf, BytesMut};
-use clap::Parser;
-use http::Uri;
+use clap::Parser as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Byte-for-byte HTTP/1.1 pass-through (tokio and httparse only), for benchmarks.
-#[derive(Parser)]
-struct Args {
-    /// Listen address.
-    #[arg(long)]
-    listen: SocketAddr,
-    /// Upstream base URL (`http://host:port`).
-    #[arg(long)]
-    upstream: Uri,
-    /// I/O threads; 0 = one per CPU.
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-}
 
 /// Which side of the exchange a buffer holds: the two differ only in their first line.
 #[derive(Clone, Copy)]
@@ -109,7 +94,7 @@ async fn relay(mut client: TcpStream, upstream: SocketAddr) -> io::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = floor::Args::parse();
     let authority = args
         .upstream
         .authority()
@@ -118,7 +103,7 @@ fn main() -> anyhow::Result<()> {
         .as_str()
         .parse()
         .with_context(|| format!("--upstream {authority} is not an IP address and port"))?;
-    per_core::serve_per_core(args.listen, args.threads, || {
+    floor::serve_per_core(args.listen, args.threads, || {
         move |stream| async move {
             let _ = relay(stream, upstream).await;
         }

@@ -1,13 +1,30 @@
-//! The thread layout the benchmark floors share with the guard (`src/server.rs`): one
-//! single-threaded Tokio runtime per I/O thread, all accepting from one listening socket, so that
-//! a floor differs from the guard in what it does per request, not in how it is scheduled.
+//! What the benchmark floors (`hyper_floor`, `tokio_floor`) share: their command line, and the
+//! thread layout of the guard (`src/server.rs`): one single-threaded Tokio runtime per I/O thread,
+//! all accepting from one listening socket, so that a floor differs from the guard in what it does
+//! per request, not in how it is scheduled.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use clap::Parser;
+use http::Uri;
 use tokio::net::{TcpListener, TcpStream};
+
+/// A benchmark floor: a pass-through proxy with no guard, on the guard's thread layout.
+#[derive(Parser)]
+pub struct Args {
+    /// Listen address.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Upstream base URL (`http://host:port`); request paths are kept.
+    #[arg(long)]
+    pub upstream: Uri,
+    /// I/O threads; 0 = one per CPU.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
 
 /// Serves `listen` on `threads` threads (0 = one per CPU) until the process ends. `make` runs once
 /// per thread and gives that thread's connection handler (and with it any per-thread state, such
