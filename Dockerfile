@@ -19,9 +19,9 @@ COPY config ./config
 # The guard is built with the `dist` profile (fat LTO, one codegen unit: about 8 % fewer
 # instructions per proxied request than `release`, benches/proxy_vs_nginx.md). The example
 # upstream needs no such care, but built with the same profile it reuses the guard's compiled
-# dependencies instead of compiling them all again. With --build-arg PGO=1 the guard is built profile-guided
-# (scripts/pgo.sh: instrumented build, a minute of loopback training on the bundled models and
-# images, rebuild): about 18 % fewer instructions per cache hit, at twice the build time.
+# dependencies instead of compiling them all again. With --build-arg PGO=1 the guard is built
+# profile-guided (scripts/pgo.sh: instrumented build, a minute of loopback training on the bundled
+# models and images, rebuild): about 18 % fewer instructions per cache hit, at twice the build time.
 ARG PGO=0
 COPY scripts ./scripts
 COPY models ./models
