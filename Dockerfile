@@ -29,8 +29,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     mkdir -p /out \
  && if [ "$PGO" = 1 ]; then \
-      apt-get update && apt-get install -y --no-install-recommends curl wrk \
-      && rustup component add llvm-tools \
+      apt-get update && apt-get install -y --no-install-recommends curl wrk llvm-19 \
       && OUT=/out/diffguard scripts/pgo.sh; \
     else \
       cargo build --profile dist --locked -p diffguard --bin diffguard \

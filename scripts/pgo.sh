@@ -83,8 +83,9 @@ GEN_BIN=$BASE/target-gen/$TRIPLE/dist/diffguard
 if [ -z "${PGO_REUSE_GEN:-}" ] || [ ! -x "$GEN_BIN" ]; then
   build gen "-Cprofile-generate=$RAW"
 fi
-cargo build --release --locked -q -p diffguard --example upstream
-UPSTREAM_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/upstream
+# The `dist` profile, as the Dockerfile ships the upstream: its build there is then already done.
+cargo build --profile dist --locked -q -p diffguard --example upstream
+UPSTREAM_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/dist/examples/upstream
 
 WORK=$(mktemp -d /tmp/pgo.XXXXXX)
 PIDS=()
