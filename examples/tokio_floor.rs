@@ -2,9 +2,9 @@
 //! byte for byte, one upstream connection per client connection, laid out as the guard serves
 //! (one single-threaded runtime per I/O thread, all accepting from one socket). It does less than
 //! a reverse proxy must (no header rewriting, no chunked bodies, no pooling, no timeouts), so it is
-//! for measuring only: `scripts/bench_proxy.sh` runs it in the hyper floor's place
-//! (`HYPER_BIN=target/dist/examples/tokio_floor`) to show what the runtime and the kernel cost a
-//! proxy on this machine, with no HTTP library and no guard in the way.
+//! for measuring only: `FLOOR=tokio scripts/bench_proxy.sh` runs it in the hyper floor's place to
+//! show what the runtime and the kernel cost a proxy on this machine, with no HTTP library and no
+//! guard in the way.
 //!
 //! ```text
 //! cargo run --release --example tokio_floor -- --listen 127.0.0.1:18486 --upstream http://127.0.0.1:18481
